@@ -1,0 +1,3 @@
+from dalle.cli import main
+
+raise SystemExit(main())

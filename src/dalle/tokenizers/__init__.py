@@ -1,0 +1,1 @@
+"""Tokenizers: BPE for captions (``text``) and the dVAE's pixels ↔ code grid (``image``)."""

@@ -1,0 +1,1 @@
+"""Training: a model-agnostic loop, per-stage tasks, losses, schedules and checkpoints."""
