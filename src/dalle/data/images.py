@@ -1,0 +1,60 @@
+"""Safe image decoding: every way a file can be bad becomes a :class:`BadRecord` with a short reason."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+# Decompression-bomb guard: refuse images whose header claims more pixels than this (about 16k × 16k), before decoding.
+DEFAULT_MAX_PIXELS = 256 * 1024 * 1024
+
+
+class BadRecord(Exception):
+    """A record that must be skipped; ``reason`` is the short text counted in the skip summary."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def open_image(src: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image from a path or bytes, or raise :class:`BadRecord`."""
+    if isinstance(src, bytes):
+        if not src:
+            raise BadRecord("empty file")
+        fp: io.BytesIO | Path = io.BytesIO(src)
+    else:
+        fp = Path(src)
+        try:
+            if fp.stat().st_size == 0:
+                raise BadRecord("empty file", str(fp))
+        except FileNotFoundError:
+            raise BadRecord("missing file", str(fp)) from None
+        except OSError as e:
+            raise BadRecord("unreadable file", f"{fp}: {e}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadRecord("image too large", f"{w}x{h}")
+            img.load()
+    except BadRecord:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadRecord("image too large", str(e)) from None
+    except FileNotFoundError:
+        raise BadRecord("missing file", str(src)[:200]) from None
+    except Image.UnidentifiedImageError:
+        raise BadRecord("not an image", str(src)[:200] if not isinstance(src, bytes) else "") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # Truncated or corrupt data surfaces as OSError ("image file is truncated"), SyntaxError (bad PNG chunks), ...
+        raise BadRecord("corrupt image", str(e)[:200]) from None
+    if img.width < 1 or img.height < 1:
+        raise BadRecord("empty image")
+    return img

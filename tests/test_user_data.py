@@ -1,0 +1,266 @@
+"""User data formats: image folder, JSONL / CSV / TSV / JSON manifests, WebDataset shards, COCO captions; split and
+shard rules. Every dataset is written by the test."""
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle.data import user
+from dalle.data.config import DataConfig
+from dalle.data.pipeline import in_val_split, iter_samples
+from dalle.data.records import SkipStats
+from dalle.data.registry import open_source
+from dalle.errors import UserError
+
+
+def png_bytes(size=(12, 10), color=(200, 30, 30), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset shard: for each (key, {ext: bytes}) the members KEY.ext, in order."""
+    mode = "w:gz" if path.name.endswith(".gz") else "w"
+    with tarfile.open(path, mode) as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def samples_of(source: str, **cfg):
+    cfg = DataConfig(source=source, resolution=16, **cfg)
+    stats = SkipStats()
+    out = list(iter_samples(open_source(cfg).records(), cfg, stats))
+    return out, stats
+
+
+def keys_of(source: str, shard=0, num_shards=1, **cfg):
+    return [r.key for r in open_source(DataConfig(source=source, **cfg)).records(shard, num_shards)]
+
+
+# ----------------------------------------------------------------------------------------------------------- folder
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(30):
+        folder = root / f"part{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i:02d}.png").write_bytes(png_bytes((12 + i, 10)))
+        (folder / f"img{i:02d}.txt").write_text(f"picture number {i}\n")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.png").write_bytes(png_bytes())
+    (root / "notes.md").write_text("not an image")
+    return root
+
+
+def test_folder_reads_images_with_same_named_captions(image_folder):
+    samples, stats = samples_of(str(image_folder), val_fraction=0.0)
+    assert stats.skipped == 0 and len(samples) == 30
+    by_key = {s.key: s for s in samples}
+    assert by_key["part1/img04.png"].caption == "picture number 4"
+    assert all(s.image.shape == (16, 16, 3) for s in samples)
+    assert keys_of(str(image_folder), val_fraction=0.0) == sorted(by_key)  # deterministic walk order
+
+
+def test_split_is_a_key_hash_and_shards_partition_it(image_folder):
+    src = str(image_folder)
+    train, val = keys_of(src, val_fraction=0.3), keys_of(src, split="val", val_fraction=0.3)
+    assert not set(train) & set(val) and len(train) + len(val) == 30 and val
+    assert all(in_val_split(k, 0.3) for k in val) and not any(in_val_split(k, 0.3) for k in train)
+    assert keys_of(src, split="val", val_fraction=0.3, seed=1) != val  # the seed reshuffles the split
+    shards = [keys_of(src, i, 3, val_fraction=0.3) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(train) and all(shards)
+    assert keys_of(src, val_fraction=0.3, size=5) == train[:5]
+    assert sorted(keys_of(src, 0, 2, val_fraction=0.3, size=5) + keys_of(src, 1, 2, val_fraction=0.3, size=5)) \
+        == sorted(train[:5])
+
+
+# -------------------------------------------------------------------------------------------------------- manifests
+
+@pytest.fixture
+def manifest_dir(tmp_path):
+    (tmp_path / "pics").mkdir()
+    for i in range(4):
+        (tmp_path / "pics" / f"{i}.jpg").write_bytes(png_bytes(fmt="JPEG"))
+    return tmp_path
+
+
+def test_jsonl_manifest_accepts_common_column_names(manifest_dir):
+    absolute = str(manifest_dir / "pics" / "3.jpg")
+    lines = [json.dumps({"path": "pics/0.jpg", "caption": "a red square"}), "",
+             json.dumps({"image": "pics/1.jpg", "text": "another red square"}),
+             json.dumps({"file_name": "pics/2.jpg", "prompt": "a third one", "extra": 1}),
+             json.dumps({"Filename": absolute, "Caption": "absolute path"}),
+             json.dumps({"url": "https://example.com/a.jpg", "caption": "remote"}),
+             json.dumps({"image": "https://example.com/b.jpg", "caption": "remote"})]
+    path = manifest_dir / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    samples, stats = samples_of(str(path), val_fraction=0.0)
+    assert [s.caption for s in samples] == ["a red square", "another red square", "a third one", "absolute path"]
+    assert stats.reasons == {"manifest line without image path": 1, "remote URL (download the images first)": 1}
+
+
+def test_csv_and_tsv_manifests(manifest_dir):
+    with open(manifest_dir / "data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "caption"])
+        w.writerow(["pics/0.jpg", "a square, red, with a comma"])
+        w.writerow(["pics/1.jpg", 'a "quoted" caption\nover two lines'])
+    samples, stats = samples_of(str(manifest_dir / "data.csv"), val_fraction=0.0)
+    assert [s.caption for s in samples] == ["a square, red, with a comma", 'a "quoted" caption over two lines']
+    (manifest_dir / "headerless.csv").write_text("pics/2.jpg,first\npics/3.jpg,second\n")
+    assert [s.caption for s in samples_of(str(manifest_dir / "headerless.csv"), val_fraction=0.0)[0]] == \
+        ["first", "second"]
+    (manifest_dir / "data.tsv").write_text("image\ttext\npics/2.jpg\ta tab separated caption\n")
+    assert samples_of(str(manifest_dir / "data.tsv"), val_fraction=0.0)[0][0].caption == "a tab separated caption"
+    (manifest_dir / "nocolumn.csv").write_text("name,caption\nx,y\n")
+    with pytest.raises(UserError, match="no image path column"):
+        samples_of(str(manifest_dir / "nocolumn.csv"))
+
+
+def test_json_list_manifest(manifest_dir):
+    (manifest_dir / "list.json").write_text(json.dumps([{"path": "pics/0.jpg", "caption": "one"}, "garbage"]))
+    samples, stats = samples_of(str(manifest_dir / "list.json"), val_fraction=0.0)
+    assert [s.caption for s in samples] == ["one"] and stats.reasons == {"malformed manifest line": 1}
+
+
+# ------------------------------------------------------------------------------------------------------- webdataset
+
+def _sample(i: int) -> tuple[str, dict[str, bytes]]:
+    if i % 2:
+        meta = json.dumps({"caption": f"json caption {i}", "url": "https://example.com"}).encode()
+        return f"{i:06d}", {"png": png_bytes((10 + i, 8)), "json": meta}
+    return f"{i:06d}", {"jpg": png_bytes((10 + i, 8), fmt="JPEG"), "txt": f"text caption {i}".encode(),
+                        "json": b'{"caption": "ignored: .txt wins"}'}
+
+
+@pytest.fixture
+def shards(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(4):
+        write_shard(folder / f"data-{s:05d}.tar", [_sample(s * 5 + i) for i in range(5)])
+    return folder
+
+
+def test_webdataset_shard_file_folder_brace_and_glob(shards):
+    one, _ = samples_of(str(shards / "data-00000.tar"), val_fraction=0.0)
+    assert [s.caption for s in one] == ["text caption 0", "json caption 1", "text caption 2", "json caption 3",
+                                        "text caption 4"]
+    assert one[0].key == "data-00000.tar/000000"
+    every = sorted(keys_of(str(shards), val_fraction=0.0))
+    assert len(every) == 20
+    assert sorted(keys_of(str(shards / "data-{00000..00003}.tar"), val_fraction=0.0)) == every
+    assert sorted(keys_of(str(shards / "data-{00000,00002}.tar"), val_fraction=0.0)) == \
+        [k for k in every if k.startswith(("data-00000", "data-00002"))]
+    assert sorted(keys_of(str(shards / "data-*.tar"), val_fraction=0.0)) == every
+
+
+def test_expand_braces():
+    assert user.expand_braces("a-{08..11}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar", "a-11.tar"]
+    assert user.expand_braces("{x,y}/{0..1}") == ["x/0", "x/1", "y/0", "y/1"]
+    assert user.expand_braces("plain.tar") == ["plain.tar"]
+
+
+@pytest.mark.parametrize("num_shards", [2, 3])  # 4 files over 2 readers: whole files; over 3: record level
+def test_webdataset_sharding_partitions_records(shards, num_shards):
+    every = keys_of(str(shards), val_fraction=0.25)
+    parts = [keys_of(str(shards), i, num_shards, val_fraction=0.25) for i in range(num_shards)]
+    assert sorted(sum(parts, [])) == sorted(every) and all(parts)
+    val = keys_of(str(shards), split="val", val_fraction=0.25)
+    assert val and not set(val) & set(every)
+
+
+def test_gzipped_shard(tmp_path):
+    path = write_shard(tmp_path / "d.tar.gz", [_sample(0), _sample(1)])
+    assert len(samples_of(str(path), val_fraction=0.0)[0]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------------- coco
+
+def _coco(tmp_path: Path, n_images=3) -> Path:
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "train2017").mkdir()
+    images, annotations = [], []
+    for i in range(n_images):
+        name = f"{i:012d}.jpg"
+        (tmp_path / "train2017" / name).write_bytes(png_bytes((20, 15), fmt="JPEG"))
+        images.append({"id": 100 + i, "file_name": name, "width": 20, "height": 15})
+        annotations += [{"id": 1000 + 10 * i + j, "image_id": 100 + i, "caption": f"image {i} caption {j}"}
+                        for j in range(2)]
+    annotations.append({"id": 5, "image_id": 999, "caption": "no such image"})
+    path = tmp_path / "annotations" / "captions_train2017.json"
+    path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
+    return path
+
+
+def test_coco_one_record_per_caption_with_guessed_image_root(tmp_path):
+    path = _coco(tmp_path)
+    samples, stats = samples_of(str(path), val_fraction=0.0)
+    assert len(samples) == 6 and stats.reasons == {"annotation without a known image": 1}
+    assert samples[0].caption == "image 0 caption 0" and samples[0].attributes == {"annotation_id": 1000}
+    assert user.guess_image_root(path) == tmp_path / "train2017"
+
+
+def test_coco_captions_of_one_image_share_a_split(tmp_path):
+    path = _coco(tmp_path, n_images=30)
+    train, val = keys_of(str(path), val_fraction=0.3), keys_of(str(path), split="val", val_fraction=0.3)
+    assert val and not set(train) & set(val)
+
+
+def test_coco_image_root_option(tmp_path):
+    path = _coco(tmp_path)
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "train2017").rename(moved)
+    samples, stats = samples_of(str(path), val_fraction=0.0)
+    assert not samples and stats.reasons["missing file"] == 6
+    assert len(samples_of(str(path), val_fraction=0.0, image_root=moved)[0]) == 6
+    with pytest.raises(UserError, match="image folder not found"):
+        open_source(DataConfig(source=str(path), image_root=tmp_path / "nope"))
+
+
+# ---------------------------------------------------------------------------------------------- detection, splits
+
+def test_unrecognised_inputs_are_user_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="unrecognised dataset format.*COCO"):
+        open_source(DataConfig(source=str(tmp_path / "notes.txt")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images or .tar shards"):
+        open_source(DataConfig(source=str(tmp_path / "empty")))
+    (tmp_path / "other.json").write_text('"just a string"')
+    with pytest.raises(UserError, match="unrecognised"):
+        open_source(DataConfig(source=str(tmp_path / "other.json")))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        open_source(DataConfig(source=str(tmp_path / "broken.json")))
+    with pytest.raises(UserError, match="no shard matches"):
+        open_source(DataConfig(source=str(tmp_path / "x-{0..3}.tar")))
+    with pytest.raises(UserError, match="unknown dataset"):
+        open_source(DataConfig(source=str(tmp_path / "missing.jsonl")))
+
+
+def test_user_data_has_no_heldout_split(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    with pytest.raises(UserError, match="no 'heldout' split"):
+        open_source(DataConfig(source=str(tmp_path), split="heldout"))
+
+
+def test_streams_without_reading_images_up_front(tmp_path):
+    """Records are listed without decoding: an image is only read when its record's load() is called."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "a.txt").write_text("a caption")
+    record = next(open_source(DataConfig(source=str(tmp_path), val_fraction=0.0)).records())
+    (tmp_path / "a.png").write_bytes(png_bytes(color=(0, 0, 255)))  # changed after listing: load sees the new file
+    assert np.asarray(record.load())[0, 0].tolist() == [0, 0, 255]
