@@ -1,0 +1,154 @@
+import dataclasses
+import functools
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle.data import loader as loader_mod
+from dalle.data.config import DataConfig
+from dalle.data.images import BadRecord
+from dalle.data.loader import make_loader, shuffled
+from dalle.data.records import Record
+from dalle.data.registry import open_source
+from dalle.data.transforms import to_float
+from dalle.errors import UserError
+
+
+def gradient(i: int, w: int = 48, h: int = 32) -> Image.Image:
+    """A non-square image whose pixels say where they came from, so crops can be told apart."""
+    x = np.arange(w)[None, :].repeat(h, 0)
+    y = np.arange(h)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x * 5, y * 7, np.full_like(x, i % 256)], -1).astype(np.uint8))
+
+
+def broken(i: int) -> Image.Image:
+    raise BadRecord("corrupt image", f"record {i}")
+
+
+@dataclasses.dataclass
+class FakeSource:
+    """``size`` records; those with index in ``bad`` fail to decode, those in ``no_caption`` have an empty caption."""
+
+    size: int
+    bad: frozenset = frozenset()
+    no_caption: frozenset = frozenset()
+    name: str = "fake"
+
+    def records(self, shard=0, num_shards=1):
+        for i in range(shard, self.size, num_shards):
+            load = functools.partial(broken if i in self.bad else gradient, i)
+            yield Record(f"fake/{i:04d}", "" if i in self.no_caption else f"picture {i}", load, {"i": i})
+
+
+def keys(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_hold_every_record_once(workers):
+    ld = make_loader(DataConfig(size=50, resolution=32), batch_size=16, workers=workers)
+    batches = list(ld)
+    for b in batches:
+        assert b["images"].dtype == torch.uint8 and b["images"].shape[1:] == (32, 32, 3)
+        assert len(b["captions"]) == len(b["keys"]) == len(b["attributes"]) == b["images"].shape[0] <= 16
+        assert set(b) == {"images", "captions", "keys", "attributes"}
+        assert to_float(b["images"]).shape == (len(b["keys"]), 3, 32, 32)
+    assert sorted(keys(batches)) == [f"shapes/train/{i:06d}" for i in range(50)]
+    if workers == 0:
+        assert [len(b["keys"]) for b in batches] == [16, 16, 16, 2]
+    assert ld.stats.seen == ld.stats.kept == 50 and ld.stats.skipped == 0
+
+
+def test_batch_content_matches_the_source():
+    cfg = DataConfig(size=8, resolution=32)
+    batch = next(iter(make_loader(cfg, batch_size=8)))
+    records = list(open_source(cfg).records())
+    for i, r in enumerate(records):
+        assert batch["keys"][i] == r.key and batch["captions"][i] == r.caption
+        assert batch["attributes"][i] == r.attributes
+        assert np.array_equal(batch["images"][i].numpy(), np.asarray(r.load()))
+
+
+def test_drop_last_counts_the_dropped_samples():
+    ld = make_loader(DataConfig(size=50, resolution=32), batch_size=16, drop_last=True)
+    assert [len(b["keys"]) for b in ld] == [16, 16, 16]
+    assert ld.stats.kept == 48 and ld.stats.reasons == {"incomplete last batch (drop_last)": 2}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_split_the_records(monkeypatch, workers):
+    cfg = DataConfig(size=40, resolution=32)
+    monkeypatch.setattr(loader_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loader_mod.dist, "get_world_size", lambda: 2)
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setattr(loader_mod.dist, "get_rank", lambda rank=rank: rank)
+        per_rank.append(keys(make_loader(cfg, batch_size=8, workers=workers)))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == [f"shapes/train/{i:06d}" for i in range(40)]
+
+
+def test_shuffle_is_seeded_and_changes_with_the_epoch():
+    cfg = DataConfig(size=64, resolution=32)
+    plain = keys(make_loader(cfg, batch_size=8))
+    first = keys(make_loader(cfg, batch_size=8, shuffle=True, shuffle_buffer=16))
+    assert sorted(first) == sorted(plain) and first != plain
+    assert keys(make_loader(cfg, batch_size=8, shuffle=True, shuffle_buffer=16)) == first
+    assert keys(make_loader(cfg, batch_size=8, shuffle=True, shuffle_buffer=16, start_epoch=1)) != first
+    # With repeat, the second pass over the data comes in a new order.
+    stream = iter(make_loader(cfg, batch_size=8, shuffle=True, shuffle_buffer=16, repeat=True))
+    two_epochs = keys(next(stream) for _ in range(16))
+    assert two_epochs[:64] == first and sorted(two_epochs[64:]) == sorted(plain) and two_epochs[64:] != first
+
+
+def test_shuffle_buffer_keeps_every_record():
+    out = list(shuffled(range(100), 10, random.Random(0)))
+    assert sorted(out) == list(range(100)) and out != list(range(100))
+
+
+def test_random_crops_change_with_the_epoch():
+    cfg = DataConfig(source="fake", resolution=16, crop="random")
+    ld = make_loader(cfg, batch_size=4, repeat=True, source=FakeSource(4))
+    stream = iter(ld)
+    epoch0, epoch1 = next(stream), next(stream)
+    assert epoch0["keys"] == epoch1["keys"]
+    assert not torch.equal(epoch0["images"], epoch1["images"])
+    again = next(iter(make_loader(cfg, batch_size=4, repeat=True, source=FakeSource(4))))
+    assert torch.equal(again["images"], epoch0["images"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_counts_reach_the_main_process(workers):
+    src = FakeSource(30, bad=frozenset({1, 2, 5, 17}), no_caption=frozenset({8, 9, 20}))
+    ld = make_loader(DataConfig(source="fake", resolution=16), batch_size=4, workers=workers, source=src)
+    got = keys(ld)
+    assert len(got) == 23
+    assert ld.stats.seen == 30 and ld.stats.kept == 23
+    assert ld.stats.reasons == {"corrupt image": 4, "empty caption": 3}
+    assert set(ld.stats.examples["corrupt image"]) <= {"fake/0001", "fake/0002", "fake/0005", "fake/0017"}
+    assert "23 of 30 records used, 7 skipped" in ld.stats.summary()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_a_split_without_samples_is_a_user_error(workers, repeat):
+    src = FakeSource(6, bad=frozenset(range(6)))
+    ld = make_loader(DataConfig(source="fake", resolution=16), batch_size=4, workers=workers, repeat=repeat,
+                     source=src)
+    with pytest.raises(UserError, match=r"'fake' split 'train' yielded no usable sample.*6 × corrupt image"):
+        list(ld)
+
+
+def test_more_workers_than_records():
+    ld = make_loader(DataConfig(size=1, resolution=32), batch_size=4, workers=2)
+    assert keys(ld) == ["shapes/train/000000"]
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_size": 2, "workers": -1},
+                                    {"batch_size": 2, "shuffle": True, "shuffle_buffer": 0}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(UserError):
+        make_loader(DataConfig(size=4), **kwargs)
