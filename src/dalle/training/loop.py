@@ -1,0 +1,550 @@
+"""A training loop that knows nothing about dVAEs or transformers (in the spirit of minGPT's ``Trainer``).
+
+A :class:`Task` builds the model, turns a batch into a loss, evaluates, draws samples and exports the result; the
+:class:`Trainer` does everything else: optimizer steps with gradient accumulation and clipping, the learning-rate
+schedule, the EMA of the weights (paper appendix A.2: the EMA is what gets evaluated and shipped), mixed precision,
+a progress bar, CSV/TensorBoard metrics, periodic evaluation and atomic checkpoints.
+
+Resuming is exact: a checkpoint holds the model, EMA, optimizer, RNG states, the metrics accumulated since the last log
+line and the data position. Data come epoch by epoch from ``task.train_batches(epoch)``, which must be deterministic
+given the epoch (the data pipeline seeds its shuffle and crops by (seed, epoch)); the position is (epoch, batches used
+in that epoch), and a resumed run re-opens that epoch and skips the batches already used, so it sees exactly the
+batches an uninterrupted run would have seen. (The skipped batches are read again, which costs at most one epoch of
+data loading.) Evaluation and sampling run under a forked RNG, so they never shift the training random stream.
+
+SIGINT / SIGTERM finish the current update, write a checkpoint and return; a second SIGINT aborts at once. An
+exception between updates also writes a checkpoint before it propagates, so a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+import random
+import signal
+import threading
+import time
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dalle import checkpoint as ck
+from dalle.config import check, from_dict, option, to_dict
+from dalle.errors import UserError
+from dalle.training.ema import EMA
+from dalle.training.logging import MetricsWriter, format_metrics
+from dalle.training.schedules import learning_rate
+
+log = logging.getLogger(__name__)
+
+AMP_CHOICES = ("auto", "bf16", "none")
+# Fields that describe one session rather than the run: a resumed run takes them from the command line, never from
+# the checkpoint, and changing them does not change the numbers the run produces.
+SESSION_FIELDS = ("out", "resume", "stop_at_step", "workers", "progress", "tensorboard", "device", "threads")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: Path = option(Path("runs/train"), "run directory: checkpoints, metrics, samples and the exported model")
+    steps: int = option(2000, "optimizer updates in the whole run; every schedule is laid out over this many")
+    batch_size: int = option(32, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per update (effective batch = batch_size x grad_accum)")
+    lr: float = option(1e-3, "peak learning rate (Adam)")
+    lr_min: float = option(1e-5, "learning rate at the end of the cosine decay")
+    warmup_fraction: float = option(0.0, "linear learning-rate warm-up, as a fraction of the steps")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam's beta1 and beta2")
+    adam_eps: float = option(1e-8, "Adam's epsilon")
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW)")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value (default: no clipping)")
+    ema_decay: float = option(0.999, "decay of the weight EMA used for evaluation and export (paper: 0.999)")
+    ema_warmup: bool = option(True, "warm the EMA decay up as min(decay, (1+n)/(10+n)) so short runs average "
+                              "recent weights, not the initialisation")
+    amp: str = option("auto", "autocast dtype: auto = bf16 on a GPU that supports it, none on CPU",
+                      choices=AMP_CHOICES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    seed: int = option(0, "seed of the initialisation and of the training noise")
+    workers: int = option(0, "data-loading worker processes")
+    log_every: int = option(25, "write a metrics row every this many updates")
+    eval_every: int = option(250, "evaluate (EMA weights) and write samples every this many updates")
+    checkpoint_every: int = option(250, "write a checkpoint every this many updates")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint (its saved options are "
+                          "used; options given now override them)")
+    stop_at_step: int | None = option(None, "end this session after this update with a checkpoint; --resume "
+                                      "continues it")
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "also write TensorBoard events when the tensorboard package is installed")
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.adam_betas = tuple(self.adam_betas)
+        check(self.steps >= 1, self, "steps", "must be at least 1")
+        check(self.batch_size >= 1, self, "batch_size", "must be at least 1")
+        check(self.grad_accum >= 1, self, "grad_accum", "must be at least 1")
+        check(self.lr > 0, self, "lr", "must be positive")
+        check(0 <= self.lr_min <= self.lr, self, "lr_min", "must be in [0, lr]")
+        check(0.0 <= self.warmup_fraction < 1.0, self, "warmup_fraction", "must be in [0, 1)")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), self, "adam_betas",
+              "must be two numbers in [0, 1)")
+        check(self.adam_eps > 0, self, "adam_eps", "must be positive")
+        check(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
+        check(self.grad_clip is None or self.grad_clip > 0, self, "grad_clip", "must be positive")
+        check(0.0 <= self.ema_decay < 1.0, self, "ema_decay", "must be in [0, 1)")
+        check(self.amp in AMP_CHOICES, self, "amp", f"must be one of {', '.join(AMP_CHOICES)}")
+        check(self.threads is None or self.threads >= 1, self, "threads", "must be at least 1")
+        check(self.workers >= 0, self, "workers", "must be >= 0")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            check(getattr(self, name) >= 1, self, name, "must be at least 1")
+        check(self.keep_checkpoints >= 1, self, "keep_checkpoints", "must be at least 1")
+        check(self.stop_at_step is None or self.stop_at_step >= 1, self, "stop_at_step", "must be at least 1")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_fraction * self.steps)
+
+
+def with_defaults(cls: type, name: str, **defaults: Any) -> type:
+    """A subclass of config dataclass ``cls`` whose listed fields default to new values (help text kept), so each
+    command shows its own defaults in ``--help``: ``with_defaults(TrainConfig, "DVAETrain", lr=3e-3)``."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(defaults) - set(hints))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {unknown[0]!r}")
+    fields = [(k, hints[k], dataclasses.field(default=v, metadata=_field(cls, k).metadata))
+              for k, v in defaults.items()]
+    new = dataclasses.make_dataclass(name, fields, bases=(cls,))
+    new.__module__ = cls.__module__
+    return new
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def config_for_run(cls: type, args: Any, saved: dict[str, Any] | None, prefix: str = "") -> Any:
+    """``cls`` from the command line, or, for a resumed run, from its ``saved`` dict with the options given now
+    (only those: the parser leaves the others out) applied on top; session fields always come from the command line."""
+    if saved is None:
+        from dalle.config import from_args
+
+        return from_args(cls, args, prefix)
+    values = {k: v for k, v in saved.items() if k not in SESSION_FIELDS}
+    for f in dataclasses.fields(cls):
+        dest = (prefix + f.name).replace("-", "_")
+        if hasattr(args, dest):
+            new = getattr(args, dest)
+            if f.name in values and f.name not in SESSION_FIELDS and _plain(values[f.name]) != _plain(new):
+                log.warning("resume: %s changes from %r to %r", f.name, values[f.name], new)
+            values[f.name] = new
+    return from_dict(cls, values)
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, tuple | list) else (str(v) if isinstance(v, Path) else v)
+
+
+def saved_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The configs stored in a run's latest checkpoint (``{"train": ..., "task": ...}``), or None without one."""
+    latest = ck.latest_checkpoint(run_dir)
+    return ck.read_json(latest / ck.CONFIG) if latest is not None else None
+
+
+class Task(abc.ABC):
+    """What the trainer needs from a training stage. ``setup`` is called first, with the run's config and device."""
+
+    cfg: TrainConfig
+    device: torch.device
+    progress_keys: tuple[str, ...] = ()  # metrics shown in the progress bar besides loss and lr
+
+    def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The task's JSON-ready configuration, stored in every checkpoint (resume checks it)."""
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (the global RNG is seeded just before)."""
+
+    @abc.abstractmethod
+    def train_batches(self, epoch: int) -> Iterable[Any]:
+        """One epoch of training batches, the same for the same epoch on every call."""
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(scalar loss to minimise, metrics to log) for one micro-batch at update ``step`` (0-based)."""
+
+    @abc.abstractmethod
+    def export(self, model: nn.Module, path: Path) -> None:
+        """Write the finished (EMA) model where the next stage can load it."""
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Metrics of the EMA ``model`` on held-out data."""
+        return {}
+
+    def write_samples(self, model: nn.Module, step: int, out_dir: Path) -> Path | None:
+        """Write a picture of what the EMA ``model`` does now; returns its path."""
+        return None
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
+        kwargs = {"weight_decay": cfg.weight_decay} if cfg.weight_decay > 0 else {}
+        return cls(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kwargs)
+
+    def data_summary(self) -> str:
+        """What the data pipeline used and skipped, printed at the end of the run."""
+        return ""
+
+
+class EpochStream:
+    """Batches of ``make_epoch(0)``, ``make_epoch(1)``, ... with the position (epoch, batches used in that epoch)."""
+
+    def __init__(self, make_epoch: Callable[[int], Iterable[Any]], epoch: int = 0, batch: int = 0):
+        self.make_epoch, self.epoch, self.batch = make_epoch, epoch, batch
+        self.skipped_on_resume = 0
+        self._it: Iterator[Any] | None = None
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self) -> EpochStream:
+        return self
+
+    def __next__(self) -> Any:
+        # Starting a DataLoader draws its base seed from the global torch RNG; a resumed run starts one where an
+        # uninterrupted run does not, so data loading must not touch the training RNG at all.
+        with torch.random.fork_rng(devices=[]):
+            return self._next()
+
+    def _next(self) -> Any:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.make_epoch(self.epoch))
+                for _ in range(self.batch):  # resuming inside an epoch: skip what was already used
+                    next(self._it, None)
+                    self.skipped_on_resume += 1
+            item = next(self._it, _END)
+            if item is not _END:
+                self.batch += 1
+                return item
+            used = self.batch
+            self.close()
+            self.epoch, self.batch = self.epoch + 1, 0
+            if used == 0:
+                break
+        raise UserError(f"training data epoch {self.epoch - 1} yielded no batch: the dataset has fewer usable "
+                        "examples than one batch")
+
+    def close(self) -> None:
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+
+_END = object()
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    status: str  # "complete", "stopped" (stop_at_step) or "interrupted" (signal)
+    eval: dict[str, float]
+    wall_s: float
+    model_dir: Path | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but CUDA is not available")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where it is fast and safe (a GPU that supports it) for ``auto``; fp32 on CPU unless asked."""
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: ask the loop to stop after this update. Second SIGINT: KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("\n%s received: finishing this update and writing a checkpoint (Ctrl-C again aborts)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: TrainConfig):
+        self.task, self.cfg = task, cfg
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.step = 0
+        self.elapsed = 0.0  # seconds of training (all sessions), evaluation included
+        self._session_start = time.perf_counter()
+        self._safe = True  # False while an update is half done: a checkpoint then would not resume exactly
+        self._acc: dict[str, float] = {}
+        self._acc_n = 0
+        self.last_eval: dict[str, float] = {}
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        self.task.setup(cfg, self.device)
+        self.model = self.task.build_model().to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.opt = self.task.optimizer(self.model)
+        self.metrics = MetricsWriter(cfg.out, cfg.tensorboard)
+        self.stream = EpochStream(self.task.train_batches)
+        self._data_pos = self.stream.position()
+
+    def _run_config(self) -> dict[str, Any]:
+        train = {k: v for k, v in to_dict(self.cfg).items() if k not in SESSION_FIELDS}
+        return {"train": train, "task": self.task.config()}
+
+    def _restore(self) -> bool:
+        cfg = self.cfg
+        latest = ck.latest_checkpoint(cfg.out)
+        if latest is None:
+            if cfg.resume:
+                log.info("no checkpoint in %s: starting a new run", cfg.out)
+            return False
+        if not cfg.resume:
+            raise UserError(f"{cfg.out} already holds a run (checkpoint {latest.name}); pass --resume to continue "
+                            "it or choose another --out")
+        config, tensors, state = ck.load_checkpoint(latest, self.device)
+        saved, now = config.get("task", {}), self.task.config()
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            log.warning("resume: task options differ from the checkpoint's (%s); the run will not match an "
+                        "uninterrupted one", ", ".join(changed))
+        try:
+            self.model.load_state_dict(tensors["model"])
+        except RuntimeError as e:
+            raise UserError(f"cannot resume {cfg.out}: the checkpoint does not fit the model "
+                            f"({str(e).splitlines()[0]})") from None
+        self.ema.load_state_dict(tensors["ema"], state["ema_updates"])
+        self.opt.load_state_dict(ck.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
+        ck.set_rng_state({k: v.cpu() for k, v in tensors["rng"].items()}, state["rng"])
+        self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self._acc, self._acc_n = state["metrics_acc"], state["metrics_acc_n"]
+        self.stream = EpochStream(self.task.train_batches, **state["data"])
+        self._data_pos = self.stream.position()
+        self.metrics.resume_at(self.step)
+        log.info("resumed %s at step %d (epoch %d, batch %d)", cfg.out, self.step, self.stream.epoch,
+                 self.stream.batch)
+        return True
+
+    def save_checkpoint(self) -> Path:
+        opt_tensors, opt_meta = ck.optimizer_to_tensors(self.opt.state_dict())
+        rng_tensors, rng_meta = ck.rng_state()
+        state = {"elapsed_s": self._elapsed(), "ema_updates": self.ema.updates, "data": self._data_pos,
+                 "metrics_acc": self._acc, "metrics_acc_n": self._acc_n, "optimizer": opt_meta, "rng": rng_meta}
+        tensors = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": opt_tensors,
+                   "rng": rng_tensors}
+        path = ck.save_checkpoint(self.cfg.out, self.step, config=self._run_config(), tensors=tensors, state=state,
+                                  keep=self.cfg.keep_checkpoints)
+        self._saved_step = self.step
+        return path
+
+    def _elapsed(self) -> float:
+        return self.elapsed + time.perf_counter() - self._session_start
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self._build()
+        self._restore()
+        self._session_start = time.perf_counter()
+        self._saved_step = self.step
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        ck.write_text_atomic(cfg.out / "config.json", _json(self._run_config()))
+        status = "complete"
+        bar = _progress(cfg, self.step)
+        try:
+            with _Signals() as signals:
+                while self.step < cfg.steps:
+                    if signals.received is not None:
+                        status = "interrupted"
+                        break
+                    if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
+                        status = "stopped"
+                        break
+                    self._update(bar)
+                    self._periodic(bar)
+                if status == "complete" and not self.last_eval:
+                    self._evaluate(bar, record=False)  # a resumed, finished run still reports its metrics
+            if self._saved_step != self.step:
+                self.save_checkpoint()
+        except BaseException:
+            if self._safe and self._saved_step != self.step:
+                path = self.save_checkpoint()
+                log.error("training failed after step %d; checkpoint written to %s", self.step, path)
+            raise
+        finally:
+            bar.close()
+            self.stream.close()
+            self.metrics.close()
+        model_dir = None
+        if status == "complete":
+            model_dir = cfg.out / "model"
+            self.task.export(self.ema.model_ema, model_dir)
+        summary = self.task.data_summary()
+        if summary:
+            log.info("data: %s", summary.replace("\n", "\n  "))
+        if self.stream.skipped_on_resume:
+            log.info("data: %d batches already used before the resume were read again and skipped",
+                     self.stream.skipped_on_resume)
+        log.info("%s at step %d of %d (%.0f s); %s", status, self.step, cfg.steps, self._elapsed(),
+                 f"model exported to {model_dir}" if model_dir else f"resume with --resume --out {cfg.out}")
+        return TrainResult(self.step, status, self.last_eval, self._elapsed(), model_dir)
+
+    def _update(self, bar: Any) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # Data first: a failure while reading leaves the state of the last completed update intact (and saved).
+        batches = [next(self.stream) for _ in range(cfg.grad_accum)]
+        self._safe = False
+        lr = learning_rate(self.step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        totals: dict[str, float] = {}
+        finite = True
+        for batch in batches:
+            with self._autocast():
+                loss, metrics = self.task.loss(self.model, batch, self.step)
+            (loss / cfg.grad_accum).backward()
+            value = float(loss.detach())
+            finite = finite and math.isfinite(value)
+            for k, v in {"loss": value, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+        if finite:
+            if cfg.grad_clip is not None:
+                totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            self.opt.step()
+            self.ema.update(self.model)
+        else:
+            totals["skipped_updates"] = 1.0
+            log.warning("step %d: non-finite loss, update skipped", self.step)
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self._data_pos = self.stream.position()
+        self._safe = True
+        totals["lr"] = lr
+        totals["step_s"] = time.perf_counter() - t0
+        for k, v in totals.items():
+            self._acc[k] = self._acc.get(k, 0.0) + v
+        self._acc_n += 1
+        bar.update(1)
+
+    def _periodic(self, bar: Any) -> None:
+        cfg, step = self.cfg, self.step
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row = {k: v / self._acc_n for k, v in self._acc.items()}
+            row["skipped_updates"] = self._acc.get("skipped_updates", 0.0)
+            row["epoch"] = self.stream.epoch
+            row["elapsed_s"] = self._elapsed()
+            self._acc, self._acc_n = {}, 0
+            self.metrics.log("train", step, row)
+            bar.set_postfix_str(format_metrics(row, ["loss", "lr"] + self.task_keys(row)), refresh=False)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            self._evaluate(bar)
+        if step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def task_keys(self, row: dict[str, float]) -> list[str]:
+        return [k for k in getattr(self.task, "progress_keys", ()) if k in row]
+
+    def _evaluate(self, bar: Any, record: bool = True) -> None:
+        model = self.ema.model_ema
+        with self._forked_rng(), torch.no_grad():
+            values = self.task.evaluate(model, self.step)
+            sample = self.task.write_samples(model, self.step, self.cfg.out / "samples") if record else None
+        if values:
+            if record:
+                self.metrics.log("eval", self.step, values)
+            self.last_eval = values
+            message = f"step {self.step}: {format_metrics(values)}"
+            if sample is not None:
+                message += f"  [{sample}]"
+            _say(bar, message)
+
+    @contextmanager
+    def _forked_rng(self) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            state = (np.random.get_state(), random.getstate())
+            try:
+                yield
+            finally:
+                np.random.set_state(state[0])
+                random.setstate(state[1])
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+                smoothing=0.05)
+
+
+def _say(bar: Any, message: str) -> None:
+    if getattr(bar, "disable", True):
+        log.info(message)
+    else:
+        bar.write(message)
+
+
+def _json(data: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"

@@ -1,0 +1,142 @@
+import argparse
+import csv
+import dataclasses
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle.checkpoint import latest_checkpoint
+from dalle.data.config import DataConfig
+from dalle.errors import UserError
+from dalle.models.dvae import DVAE, DVAEConfig
+from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig
+from dalle.training.loop import TrainConfig, Trainer, config_for_run, with_defaults
+
+TINY = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codebook_size=32, n_init=8)
+TIMING = {"step_s", "elapsed_s"}
+
+
+def make_trainer(out, task_cls=DVAETask, **train):
+    data = DataConfig(resolution=16, size=40)  # 5 batches of 8 per epoch: runs below cross epoch boundaries
+    dvae = DVAETrainConfig(eval_images=16, sample_images=4)
+    options = dict(out=out, steps=8, batch_size=8, lr=3e-3, log_every=1, eval_every=4, checkpoint_every=100,
+                   progress=False, tensorboard=False)
+    return Trainer(task_cls(dvae, data, TINY), TrainConfig(**{**options, **train}))
+
+
+def rows(path, drop=TIMING):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def assert_same_run(a, b):
+    ca, cb = latest_checkpoint(a), latest_checkpoint(b)
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = load_file(ca / f"{name}.safetensors"), load_file(cb / f"{name}.safetensors")
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs"
+    assert rows(a / "metrics.csv") == rows(b / "metrics.csv")
+    assert rows(a / "eval.csv") == rows(b / "eval.csv")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = make_trainer(out).run()
+    assert result.status == "complete" and result.step == 8
+    return out, result
+
+
+def test_run_writes_metrics_samples_and_the_ema_model(straight):
+    out, result = straight
+    assert {"psnr", "mse", "relaxed_elb", "true_elb", "elb_gap", "perplexity", "codes_used", "tau", "beta"} <= set(
+        result.eval)
+    assert result.eval["tau"] == pytest.approx(1 / 16, rel=1e-6) and result.eval["beta"] == pytest.approx(6.6)
+    assert len(rows(out / "metrics.csv")) == 8 and [r["step"] for r in rows(out / "eval.csv")] == ["4", "8"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000004.png", "step-00000008.png"]
+    model = DVAE.from_pretrained(out / "model")
+    ema = latest_checkpoint(out)
+    exported = model.state_dict()
+    for k, v in load_file(ema / "ema.safetensors").items():
+        assert torch.equal(exported[k], v)  # the export is the EMA, not the raw weights
+
+
+@pytest.mark.parametrize("how", ["stop_at_step", "sigterm"])
+def test_resume_is_exact(straight, tmp_path, how):
+    out = tmp_path / "run"
+    if how == "stop_at_step":
+        first = make_trainer(out, stop_at_step=4).run()
+        assert first.status == "stopped" and first.step == 4
+    else:
+        class Killed(DVAETask):
+            def loss(self, model, batch, step):
+                if step == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # delivered mid-update: the update finishes first
+                return super().loss(model, batch, step)
+
+        first = make_trainer(out, task_cls=Killed).run()
+        assert first.status == "interrupted" and first.step == 3
+    assert latest_checkpoint(out).name == f"step-{first.step:08d}" and not (out / "model").exists()
+    result = make_trainer(out, resume=True).run()
+    assert result.status == "complete" and result.step == 8
+    assert_same_run(straight[0], out)
+
+
+def test_crash_between_updates_keeps_the_last_step(straight, tmp_path):
+    class BadData(DVAETask):
+        def train_batches(self, epoch):
+            if epoch == 1:
+                raise RuntimeError("disk on fire")
+            return super().train_batches(epoch)
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        make_trainer(out, task_cls=BadData).run()
+    assert latest_checkpoint(out).name == "step-00000005"  # one epoch = 5 updates, saved when epoch 1 failed
+    make_trainer(out, resume=True).run()
+    assert_same_run(straight[0], out)
+
+
+def test_existing_run_needs_resume(straight):
+    with pytest.raises(UserError, match="--resume"):
+        make_trainer(straight[0]).run()
+
+
+def test_training_reduces_the_loss(tmp_path):
+    make_trainer(tmp_path / "run", steps=40, eval_every=40, lr=3e-3).run()
+    losses = [float(r["loss"]) for r in rows(tmp_path / "run" / "metrics.csv")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 100  # nats per 16×16 image
+
+
+def test_with_defaults_and_config_for_run():
+    cls = with_defaults(TrainConfig, "Probe", lr=0.5, steps=7)
+    assert cls().lr == 0.5 and cls().steps == 7 and isinstance(cls(), TrainConfig)
+    assert DVAETrainLoopConfig().out.name == "dvae"
+    args = argparse.Namespace(lr=0.25, workers=3)
+    saved = dataclasses.asdict(TrainConfig(steps=99, lr=0.1, workers=1))
+    saved["out"] = str(saved["out"])
+    cfg = config_for_run(TrainConfig, args, saved)
+    assert (cfg.steps, cfg.lr, cfg.workers) == (99, 0.25, 3)  # saved run options, then the ones given now
+
+
+def test_vae_train_command(tmp_path):
+    from dalle.cli import add_group
+    from dalle.commands import vae_train
+
+    parser = argparse.ArgumentParser()
+    vae_train.register(add_group(parser.add_subparsers(), "vae", "dVAE"))
+    out = tmp_path / "run"
+    argv = ["vae", "train", "--preset", "tiny-32", "--n-hid", "8", "--codebook-size", "16", "--data-resolution", "16",
+            "--data-size", "24", "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--eval-images", "8",
+            "--no-progress", "--no-tensorboard", "--out", str(out)]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    model = DVAE.from_pretrained(out / "model")
+    assert (model.config.resolution, model.config.codebook_size, model.config.n_hid) == (16, 16, 8)
+    args = parser.parse_args(argv[:2] + ["--out", str(out), "--resume", "--steps", "5", "--no-progress"])
+    assert args.func(args) == 0  # continues the saved run (its options) for two more updates
+    assert [r["step"] for r in rows(out / "eval.csv")][-1] == "5"
