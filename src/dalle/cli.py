@@ -19,6 +19,9 @@ from dalle.errors import UserError
 COMMAND_MODULES = [
     "dalle.commands.data",
     "dalle.commands.tokenizer",
+    "dalle.commands.vae",
+    "dalle.commands.pipeline",
+    "dalle.commands.reranker",
 ]
 
 
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `dalle data stats ... | head`: the reader left; stop quietly like other Unix tools.
+        sys.stderr.close()
+        return 0
 
 
 def add_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
