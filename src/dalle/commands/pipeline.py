@@ -30,6 +30,8 @@ class PipelineConfig:
     dvae_preset: str = option("tiny-64", "dVAE preset (see `dalle vae train --help`)")
     dvae_steps: int = option(1500, "dVAE training steps")
     dvae_batch_size: int = option(32, "dVAE training batch size")
+    reranker_steps: int = option(800, "contrastive reranker training steps")
+    reranker_batch_size: int = option(64, "contrastive reranker batch size (the in-batch negatives)")
     vocab_size: int = option(4096, "BPE vocabulary size of the text tokenizer (paper: 16,384)")
     text_len: int = option(32, "text tokens per caption (paper: 256)")
     size: int | None = option(None, "records per split for procedural data (shapes); default: the dataset's own")
@@ -39,6 +41,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         check(self.dvae_steps >= 1, self, "dvae_steps", "must be at least 1")
+        check(self.reranker_steps >= 1, self, "reranker_steps", "must be at least 1")
         check(self.dvae_batch_size >= 1, self, "dvae_batch_size", "must be at least 1")
         check(self.text_len >= 1, self, "text_len", "must be at least 1")
         check(self.workers >= 0, self, "workers", "must be >= 0")
@@ -99,13 +102,19 @@ STAGES = [
           lambda c: all(_cache_done(_cache(c, s)) for s in c.splits),
           lambda c: [["vae", "encode", "--model", str(_dvae_model(c)), "--out", str(_cache(c, s)),
                       *c.data_args(s)] for s in c.splits]),
+    Stage("reranker",
+          lambda c: (c.out / "reranker" / "model" / "config.json").is_file(),
+          lambda c: [["reranker", "train", "--tokenizer", str(_tokenizer_dir(c)), "--out", str(c.out / "reranker"),
+                      "--steps", str(c.reranker_steps), "--batch-size", str(c.reranker_batch_size),
+                      "--workers", str(c.workers), "--seed", str(c.seed),
+                      *(["--resume"] if (c.out / "reranker" / "checkpoints").is_dir() else []), *c.data_args()]]),
 ]
 
-NOT_YET = ["prior (transformer) training", "reranker training", "generation", "evaluation report"]
+NOT_YET = ["prior (transformer) training", "generation with reranking", "evaluation report"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="run every stage in order (tokenizer → dVAE → token cache → ...), "
+    p = sub.add_parser("pipeline", help="run every stage in order (tokenizer → dVAE → token cache → reranker → ...), "
                        "skipping stages whose outputs exist",
                        description=__doc__)
     add_options(p, PipelineConfig, title="pipeline")
