@@ -22,10 +22,12 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/dalle pipeline --out runs/demo
+	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/data_loading.py --write
+	$(PY) bench/dvae_train.py
+	$(PY) bench/prior_attention.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
