@@ -14,19 +14,26 @@ median (and the minimum) in ms and the speed-up over the dense causal layer of t
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
 
-import torch
+# OpenMP threads that spin while waiting stall every parallel op when other processes hold the cores (a shared CI
+# machine): many short ops suffer most. Passive waiting must be chosen before torch loads the OpenMP runtime; set
+# OMP_WAIT_POLICY=ACTIVE in the environment to measure the default behaviour instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dalle.models import attention as A
-from dalle.models.transformer import Block, preset
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+from dalle.models import attention as A  # noqa: E402
+from dalle.models.transformer import Block, preset  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*lru_cache.*")
     shapes = SHAPES.values() if args.shape == "all" else [SHAPES[args.shape]]
     rows = [r for shape in shapes for r in run_shape(shape, args)]
-    print(f"# torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"{args.clock} clock, {args.repeats} repeats; speed-up = median of dense causal / median")
+    print(f"# torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"{platform.processor() or platform.machine()}, {args.clock} clock, {args.repeats} repeats, load average "
+          f"{os.getloadavg()[0]:.1f}; speed-up = median of dense causal / median")
     print_table(rows)
     if args.out:
-        meta = dict(torch=torch.__version__, threads=args.threads, repeats=args.repeats, clock=args.clock)
+        meta = dict(torch=torch.__version__, threads=args.threads, repeats=args.repeats, clock=args.clock,
+                    omp_wait_policy=os.environ["OMP_WAIT_POLICY"], load_average=os.getloadavg()[0])
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 

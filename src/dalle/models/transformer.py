@@ -64,8 +64,9 @@ class PriorConfig:
     conv_kernel: int = option(11, "kernel side of the conv attention mask (the paper: 11)")
     mlp_ratio: int = option(4, "MLP width as a multiple of dim")
     dropout: float = option(0.0, "dropout on embeddings and residual branches")
-    attn_impl: str = option("auto", "attention implementation: auto (fastest measured), dense (masked SDPA), "
-                            "gather (blocks of image rows), flex (FlexAttention)", choices=IMPLS)
+    attn_impl: str = option("auto", "attention implementation, all exact: auto (gather where it saves compute, else "
+                            "dense), dense (masked SDPA), gather (blocks of image rows), flex (FlexAttention)",
+                            choices=IMPLS)
     init_std: float = option(0.02, "standard deviation of the initial weights")
 
     def __post_init__(self) -> None:
@@ -102,7 +103,8 @@ PRESETS: dict[str, PriorConfig] = {
     "test": PriorConfig(dim=64, n_layers=3, n_heads=4, head_dim=16, text_vocab_size=64, text_len=8,
                         codebook_size=32, grid_size=4, conv_kernel=3),
     # The peer benchmark's DALLE-pytorch config (dim 256, depth 4, 8 heads × 32, 32 text + 8×8 image tokens).
-    "tiny": PriorConfig(conv_kernel=5),
+    "tiny": PriorConfig(dim=256, n_layers=4, n_heads=8, head_dim=32, text_vocab_size=1000, text_len=32,
+                        codebook_size=512, grid_size=8, conv_kernel=5),
     # The PowerSGD table's sizes (§2.5); "effective" parameters 12·n_layers·dim² = 2.8e9, 5.6e9, 12.0e9.
     "paper-2.8b": PriorConfig(dim=1920, n_heads=30, **_PAPER),
     "paper-5.6b": PriorConfig(dim=2688, n_heads=42, **_PAPER),
