@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "dalle.commands.data",
     "dalle.commands.tokenizer",
     "dalle.commands.vae",
+    "dalle.commands.train",
     "dalle.commands.pipeline",
     "dalle.commands.reranker",
 ]
