@@ -32,6 +32,8 @@ class PipelineConfig:
     dvae_batch_size: int = option(32, "dVAE training batch size")
     reranker_steps: int = option(800, "contrastive reranker training steps")
     reranker_batch_size: int = option(64, "contrastive reranker batch size (the in-batch negatives)")
+    prior_steps: int = option(1000, "transformer prior training steps")
+    prior_batch_size: int = option(32, "transformer prior batch size")
     vocab_size: int = option(4096, "BPE vocabulary size of the text tokenizer (paper: 16,384)")
     text_len: int = option(32, "text tokens per caption (paper: 256)")
     size: int | None = option(None, "records per split for procedural data (shapes); default: the dataset's own")
@@ -41,6 +43,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         check(self.dvae_steps >= 1, self, "dvae_steps", "must be at least 1")
+        check(self.prior_steps >= 1, self, "prior_steps", "must be at least 1")
+        check(self.prior_batch_size >= 1, self, "prior_batch_size", "must be at least 1")
         check(self.reranker_steps >= 1, self, "reranker_steps", "must be at least 1")
         check(self.dvae_batch_size >= 1, self, "dvae_batch_size", "must be at least 1")
         check(self.text_len >= 1, self, "text_len", "must be at least 1")
@@ -102,6 +106,13 @@ STAGES = [
           lambda c: all(_cache_done(_cache(c, s)) for s in c.splits),
           lambda c: [["vae", "encode", "--model", str(_dvae_model(c)), "--out", str(_cache(c, s)),
                       *c.data_args(s)] for s in c.splits]),
+    Stage("prior",
+          lambda c: (c.out / "prior" / "model" / "config.json").is_file(),
+          lambda c: [["train", "--cache", str(_cache(c, "train")), "--val-cache", str(_cache(c, "val")),
+                      "--tokenizer", str(_tokenizer_dir(c)), "--dvae", str(_dvae_model(c)),
+                      "--out", str(c.out / "prior"),
+                      "--steps", str(c.prior_steps), "--batch-size", str(c.prior_batch_size), "--seed", str(c.seed),
+                      *(["--resume"] if (c.out / "prior" / "checkpoints").is_dir() else [])]]),
     Stage("reranker",
           lambda c: (c.out / "reranker" / "model" / "config.json").is_file(),
           lambda c: [["reranker", "train", "--tokenizer", str(_tokenizer_dir(c)), "--out", str(c.out / "reranker"),
@@ -110,12 +121,12 @@ STAGES = [
                       *(["--resume"] if (c.out / "reranker" / "checkpoints").is_dir() else []), *c.data_args()]]),
 ]
 
-NOT_YET = ["prior (transformer) training", "generation with reranking", "evaluation report"]
+NOT_YET = ["KV-cached generation with reranking", "evaluation report"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="run every stage in order (tokenizer → dVAE → token cache → reranker → ...), "
-                       "skipping stages whose outputs exist",
+    p = sub.add_parser("pipeline", help="run every stage in order (tokenizer → dVAE → token cache → prior → "
+                       "reranker → ...), skipping stages whose outputs exist",
                        description=__doc__)
     add_options(p, PipelineConfig, title="pipeline")
     p.set_defaults(func=run)
