@@ -22,7 +22,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes
+	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000
 
 bench: setup
 	$(PY) bench/data_loading.py --write
