@@ -19,6 +19,15 @@ TINY = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codeboo
 TIMING = {"step_s", "elapsed_s"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: synchronising two threads costs more than it saves, and on a busy machine far more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_trainer(out, task_cls=DVAETask, **train):
     data = DataConfig(resolution=16, size=40)  # 5 batches of 8 per epoch: runs below cross epoch boundaries
     dvae = DVAETrainConfig(eval_images=16, sample_images=4)

@@ -35,6 +35,7 @@ from dalle.training.losses import bits_per_dim, code_usage, dvae_terms, psnr
 from dalle.training.schedules import cosine, linear, schedule_steps
 
 PAPER_TAU_END = 1 / 16
+DATA_INIT_IMAGES = 256
 PAPER_BETA = 6.6
 
 # Defaults of `dalle vae train`: the tiny-64 preset on 64-pixel shapes, faithful reconstructions in minutes on 2 CPU
@@ -62,9 +63,8 @@ class DVAETrainConfig:
     beta_fraction: float = option(0.1, "length of the β ramp as a fraction of the run (paper: 5k of 3M updates)")
     dequantize: bool = option(True, "add uniform noise of one 8-bit step to the pixels before the mapping, so the "
                               "continuous likelihood stays bounded on flat regions (see the module doc)")
-    init_logit_scale: float = option(10.0, "multiply the encoder's last conv by this at initialisation, so that the "
-                                     "first codes depend on the image more than on the Gumbel noise (see the "
-                                     "module doc; 1 = OpenAI's initialisation)")
+    data_init: bool = option(True, "data-dependent initialisation of the encoder's last conv: each code's logit "
+                             "is standardised over 256 training images (see the module doc)")
     eval_images: int = option(256, "validation images used by each evaluation")
     sample_images: int = option(16, "validation images in each reconstruction grid")
 
@@ -80,7 +80,6 @@ class DVAETrainConfig:
         check(self.beta >= 0, self, "beta", "must be >= 0")
         check(self.beta_steps is None or self.beta_steps >= 0, self, "beta_steps", "must be >= 0")
         check(0.0 <= self.beta_fraction <= 1.0, self, "beta_fraction", "must be in [0, 1]")
-        check(self.init_logit_scale > 0, self, "init_logit_scale", "must be positive")
         check(self.eval_images >= 1, self, "eval_images", "must be at least 1")
         check(self.sample_images >= 0, self, "sample_images", "must be >= 0")
 
@@ -108,10 +107,12 @@ class DVAETask(Task):
     def build_model(self) -> nn.Module:
         # channels_last: oneDNN's convolutions skip a layout conversion per conv, ~1.5x faster per step on CPU; the
         # batches arrive in that layout already ((B, H, W, 3) uint8 permuted to (B, 3, H, W)).
-        model = DVAE(self.model_cfg)
-        with torch.no_grad():
-            model.encoder.blocks.output.conv.w.mul_(self.dvae.init_logit_scale)
-        return model.to(memory_format=torch.channels_last)
+        model = DVAE(self.model_cfg).to(self.device, memory_format=torch.channels_last)
+        if self.dvae.data_init:
+            with torch.random.fork_rng(devices=[]):  # reading data must not move the training RNG
+                images = first_images(self.data, DATA_INIT_IMAGES)
+            standardise_logits(model.encoder, self._model_input(self._pixels(images)))
+        return model
 
     # --- schedules (paper section 2.1) -------------------------------------------------------------------------
 
@@ -158,15 +159,8 @@ class DVAETask(Task):
     def val_images(self) -> torch.Tensor:
         """The first ``eval_images`` images of the validation split, loaded once: ``(N, H, W, 3)`` uint8."""
         if self._val is None:
-            cfg = dataclasses.replace(self.data, split="val", crop="center")
-            loader = make_loader(cfg, min(self.dvae.eval_images, 256), workers=0)
-            chunks, n = [], 0
-            for batch in loader:
-                chunks.append(batch["images"])
-                n += len(batch["images"])
-                if n >= self.dvae.eval_images:
-                    break
-            self._val = torch.cat(chunks)[: self.dvae.eval_images]
+            self._val = first_images(dataclasses.replace(self.data, split="val", crop="center"),
+                                     self.dvae.eval_images)
         return self._val
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -209,6 +203,28 @@ class DVAETask(Task):
 
     def data_summary(self) -> str:
         return self.stats.summary()
+
+
+def first_images(cfg: DataConfig, n: int) -> torch.Tensor:
+    """The first ``n`` images of a split in file order (fewer if it is smaller): ``(n, H, W, 3)`` uint8."""
+    chunks, have = [], 0
+    for batch in make_loader(cfg, min(n, 256), workers=0):
+        chunks.append(batch["images"])
+        have += len(batch["images"])
+        if have >= n:
+            break
+    return torch.cat(chunks)[:n]
+
+
+@torch.no_grad()
+def standardise_logits(encoder: nn.Module, x: torch.Tensor) -> None:
+    """Data-dependent initialisation (Salimans & Kingma, 2016) of the encoder's last 1×1 conv: rescale and shift
+    each code's logit to zero mean and unit variance over the positions of the images ``x`` (mapped pixels)."""
+    conv = encoder.blocks.output.conv
+    logits = encoder(x)  # (N, K, g, g)
+    mean, std = logits.mean((0, 2, 3)), logits.std((0, 2, 3)).clamp_min(1e-6)  # (K,) each
+    conv.w.mul_((1 / std).view(-1, 1, 1, 1))
+    conv.b.sub_(mean).div_(std)
 
 
 def save_comparison_grid(originals: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,
