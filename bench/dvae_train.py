@@ -33,25 +33,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- dvae_train:start -->", "<!-- dvae_train:end -->"
-PEER_SITE, PEER_STUBS = ROOT / ".peer" / "site", ROOT / ".peer" / "stubs"
-ANCHOR = Path("/work/shared/anchors/dalle_pytorch_bench.py")
-THREADS = 2
-PEAK_GFLOPS = 130.0  # fp32 matmul peak of this 2-core machine, as given for the project
+from _common import (
+    PEAK_GFLOPS,
+    THREADS,
+    anchor_result,
+    command_line,
+    emit,
+    matmul_peak,
+    peer_env,
+    peer_installed,
+    run_child,
+    time_calls,
+    write_section,
+)
+
 WARMUP, TIMED = 3, 20
 
 # name → (implementation, batch size, model options)
@@ -77,16 +80,6 @@ def _forward_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return counter.get_total_flops()
-
-
-def _time(step, n: int) -> list[float]:
-    times = []
-    for i in range(WARMUP + n):
-        t0 = time.perf_counter()
-        step()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def _ours(batch: int, options: dict) -> dict:
@@ -117,7 +110,8 @@ def _ours(batch: int, options: dict) -> dict:
     flops = _forward_flops(lambda: dvae_terms(model.encoder, model.decoder, x[:1], tau=0.5)) * 3
     params = sum(p.numel() for p in model.parameters())
     return {"config": {**dataclasses.asdict(cfg), "batch": batch}, "params": params, "train_flops_per_image": flops,
-            "train": _time(train_step, TIMED), "encode": _time(encode, TIMED)}
+            "train": time_calls(train_step, TIMED, WARMUP),
+            "encode": time_calls(encode, TIMED, WARMUP)}
 
 
 def _peer(batch: int, options: dict) -> dict:
@@ -141,49 +135,22 @@ def _peer(batch: int, options: dict) -> dict:
     flops = _forward_flops(lambda: vae(images[:1], return_loss=True)) * 3
     params = sum(p.numel() for p in vae.parameters())
     return {"config": {**PEER_VAE, "batch": batch, "version": dalle_pytorch.__version__}, "params": params,
-            "train_flops_per_image": flops, "train": _time(train_step, TIMED), "encode": _time(encode, TIMED)}
-
-
-def _matmul_peak() -> dict:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    times = _time(lambda: a @ b, 10)
-    return {"gflops": 2 * 2048**3 / min(times) / 1e9}
+            "train_flops_per_image": flops, "train": time_calls(train_step, TIMED, WARMUP),
+            "encode": time_calls(encode, TIMED, WARMUP)}
 
 
 def child(name: str) -> None:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     if name == "matmul":
-        out = _matmul_peak()
+        out = {"gflops": matmul_peak()}
     else:
         impl, batch, options = CONFIGS[name]
         out = (_ours if impl == "ours" else _peer)(batch, options)
-    print("@@RESULT@@ " + json.dumps(out), flush=True)
+    emit(out)
 
 
 # --- parent side ----------------------------------------------------------------------------------------------
-
-
-def _peer_env() -> dict[str, str]:
-    stub = PEER_STUBS / "taming" / "models"
-    stub.mkdir(parents=True, exist_ok=True)
-    (PEER_STUBS / "taming" / "__init__.py").touch()
-    (stub / "__init__.py").touch()
-    vqgan = stub / "vqgan.py"
-    if not vqgan.exists():
-        # dalle_pytorch/vae.py imports taming's VQGAN at module level; the DiscreteVAE never uses it.
-        vqgan.write_text("class VQModel:\n    pass\n\n\nclass GumbelVQ(VQModel):\n    pass\n")
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PEER_SITE), str(PEER_STUBS), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def run_child(name: str, env: dict[str, str]) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", name], env=env, capture_output=True, text=True)
-    lines = [line for line in p.stdout.splitlines() if line.startswith("@@RESULT@@ ")]
-    if not lines:
-        raise RuntimeError(f"{name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1][len("@@RESULT@@ "):])
 
 
 def summarise(r: dict) -> dict:
@@ -195,36 +162,23 @@ def summarise(r: dict) -> dict:
 
 
 def measure(repeats: int) -> dict:
-    env = _peer_env()
-    results: dict[str, dict] = {"matmul": max((run_child("matmul", env) for _ in range(repeats)),
+    env = peer_env()
+    results: dict[str, dict] = {"matmul": max((run_child(__file__, ["--child", "matmul"], env) for _ in range(repeats)),
                                               key=lambda r: r["gflops"])}
     for name in CONFIGS:
-        if CONFIGS[name][0] == "peer" and not (PEER_SITE / "dalle_pytorch").is_dir():
-            print(f"skipping {name}: the peer is not installed in {PEER_SITE}", file=sys.stderr)
+        if CONFIGS[name][0] == "peer" and not peer_installed():
+            print(f"skipping {name}: the peer is not installed in .peer/site", file=sys.stderr)
             continue
         runs = []
         for rep in range(repeats):
             t0 = time.time()
-            runs.append(summarise(run_child(name, env)))
+            runs.append(summarise(run_child(__file__, ["--child", name], env)))
             print(f"[{name} #{rep}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         best = min(runs, key=lambda r: r["train_ms_per_step"])
         best["encode_images_per_s"] = max(r["encode_images_per_s"] for r in runs)
         best["train_ms_per_step_all"] = [round(r["train_ms_per_step"], 1) for r in runs]
         results[name] = best
     return results
-
-
-def anchor_cross_check(env: dict[str, str]) -> float | None:
-    """The anchor script's own DiscreteVAE figure, run in this job (images/s, median step)."""
-    if not ANCHOR.is_file() or not (PEER_SITE / "dalle_pytorch").is_dir():
-        return None
-    p = subprocess.run([sys.executable, str(ANCHOR), "--site", str(PEER_SITE), "--stubs", str(PEER_STUBS), "--only",
-                        "vae_train", "--repeats", "1"], env=env, capture_output=True, text=True)
-    try:
-        out = json.loads(p.stdout[p.stdout.index("{"):])
-        return out["results"]["vae_train"]["images_per_s_median_step"]
-    except (ValueError, KeyError):
-        return None
 
 
 def table(results: dict, anchor: float | None) -> str:
@@ -250,25 +204,6 @@ def table(results: dict, anchor: float | None) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, command: str) -> None:
-    load = os.getloadavg()[0]
-    section = "\n".join([
-        START, "## dVAE training and encoding (`bench/dvae_train.py`)", "",
-        f"- command: `{command}`",
-        f"- machine: {os.cpu_count()} cores (nproc), {platform.processor() or platform.machine()}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}, {THREADS} torch threads",
-        f"- load average (1 min) after: {load:.1f} (other processes share these cores)",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- {WARMUP} warm-up + {TIMED} timed steps per process, best of the repeats by median step; 64 px, 512 codes, "
-        "8×8 grid; data loading excluded", "", text, END])
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -280,15 +215,17 @@ def main() -> None:
         child(args.child)
         return
     results = measure(args.repeats)
-    anchor = anchor_cross_check(_peer_env())
+    anchor_run = anchor_result("vae_train", peer_env())
+    anchor = anchor_run["images_per_s_median_step"] if anchor_run else None
     text = table(results, anchor)
     print(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.write:
-        command = "PYTHONPATH= .venv/bin/python bench/dvae_train.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--json")
-        write_section(text, command.strip())
+        write_section("dvae_train", "dVAE training and encoding (`bench/dvae_train.py`)",
+                      command_line("bench/dvae_train.py"), text,
+                      [f"{THREADS} torch threads; {WARMUP} warm-up + {TIMED} timed steps per process, best of the "
+                       "repeats by median step; 64 px, 512 codes, 8×8 grid; data loading excluded"])
 
 
 if __name__ == "__main__":

@@ -240,3 +240,18 @@ def test_bad_layouts_and_shapes_are_rejected():
         A.mask_function("diagonal", A.Layout(4, 4))
     with pytest.raises(ValueError, match="longer"):
         A.attend(torch.randn(1, 30, 3, 2, 4), "row", A.Layout(4, 4))
+
+
+@pytest.mark.parametrize("impl", ["dense", "auto"])
+def test_attention_under_cpu_autocast_runs_in_fp32_and_keeps_the_dtype(impl):
+    # Half-precision SDPA is slow on CPU, so attention computes in fp32 there; the caller still gets its dtype.
+    layout = A.Layout(text_len=5, grid_size=4, conv_kernel=3)
+    qkv = torch.randn(2, layout.seq_len, 3, 2, 8, generator=torch.Generator().manual_seed(0))
+    reference = A.attend(qkv, "row", layout, impl)
+    half = qkv.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = A.attend(half, "row", layout, impl)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert half.grad is not None and half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad.float()).all()

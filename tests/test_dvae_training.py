@@ -12,7 +12,7 @@ from dalle.checkpoint import latest_checkpoint
 from dalle.data.config import DataConfig
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE, DVAEConfig
-from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig
+from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig, standardise_logits
 from dalle.training.loop import TrainConfig, Trainer, config_for_run, with_defaults
 
 TINY = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codebook_size=32, n_init=8)
@@ -149,3 +149,14 @@ def test_vae_train_command(tmp_path):
     args = parser.parse_args(argv[:2] + ["--out", str(out), "--resume", "--steps", "5", "--no-progress"])
     assert args.func(args) == 0  # continues the saved run (its options) for two more updates
     assert [r["step"] for r in rows(out / "eval.csv")][-1] == "5"
+
+
+@pytest.mark.parametrize("target_std", [1.0, 3.0])
+def test_data_dependent_init_standardises_each_code(target_std):
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig(resolution=32, n_hid=8, n_blk_per_group=1, codebook_size=16))
+    x = torch.rand(8, 3, 32, 32) * 0.8 + 0.1
+    standardise_logits(model.encoder, x, target_std)
+    logits = model.encoder(x)  # (N, K, g, g)
+    torch.testing.assert_close(logits.mean((0, 2, 3)), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.std((0, 2, 3)), torch.full((16,), target_std), atol=1e-3, rtol=1e-3)

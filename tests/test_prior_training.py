@@ -11,6 +11,7 @@ from dalle.cli import main
 from dalle.data.config import DataConfig
 from dalle.data.registry import open_source
 from dalle.data.token_cache import cache_batches, encode_dataset
+from dalle.errors import UserError
 from dalle.models.dvae import DVAE, preset
 from dalle.models.transformer import PriorTransformer
 from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
@@ -146,3 +147,19 @@ def test_cli_bad_input(files, tmp_path, capsys):
     assert main(["train", "--cache", str(files / "train")]) == 2
     assert "--tokenizer" in capsys.readouterr().err
 
+
+
+def test_attention_schedule_is_an_option(files):
+    task = PriorTask(prior_config(files, attn_schedule="dense,row"))
+    assert [b.attn.kind for b in task.build_model().blocks] == ["dense", "row"]
+    with pytest.raises(UserError, match="attn_schedule"):
+        PriorTask(prior_config(files, attn_schedule="diagonal"))
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
+def test_compiled_blocks_train_and_save_under_the_model_names(files, tmp_path):
+    task = PriorTask(prior_config(files, compile=True))
+    result = Trainer(task, train_config(tmp_path / "run", steps=2, eval_every=2, checkpoint_every=2)).run()
+    assert result.step == 2
+    names = set(load_file(tmp_path / "run" / "model" / "model.safetensors"))
+    assert names == set(PriorTransformer(task.model_cfg).state_dict())

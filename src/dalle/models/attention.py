@@ -177,11 +177,20 @@ def attend(qkv: torch.Tensor, kind: str, layout: Layout, impl: str = "auto") -> 
         if seq_len < layout.seq_len:  # pad a prefix to the full layout; causality keeps the padding out
             qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, layout.seq_len - seq_len))
         return _gather_attention(qkv, kind, layout)[:, :seq_len]
+    if qkv.device.type == "cpu" and (qkv.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        # CPU's half-precision SDPA kernels (the backward above all) run slower than the fp32 ones at our sizes
+        # (bench/prior_train.py); attention is a small share of the FLOPs, so it runs in fp32 outside autocast.
+        with torch.autocast("cpu", enabled=False):
+            return _attend_sdpa(qkv.float(), kind, layout, impl).to(qkv.dtype)
+    return _attend_sdpa(qkv, kind, layout, impl)
+
+
+def _attend_sdpa(qkv: torch.Tensor, kind: str, layout: Layout, impl: str) -> torch.Tensor:
     q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))  # (B, H, L, D) views
     if impl == "causal":
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif impl == "dense":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(kind, layout, seq_len, q.device))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_cached_mask(kind, layout, q.shape[2], q.device))
     else:
         out = _flex_attention(q, k, v, kind, layout)
     return out.transpose(1, 2)  # (B, L, H, D)

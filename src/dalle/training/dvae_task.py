@@ -65,6 +65,8 @@ class DVAETrainConfig:
                               "continuous likelihood stays bounded on flat regions (see the module doc)")
     data_init: bool = option(True, "data-dependent initialisation of the encoder's last conv: each code's logit "
                              "is standardised over 256 training images (see the module doc)")
+    data_init_std: float = option(1.0, "standard deviation of each code's logit after the data-dependent "
+                                  "initialisation")
     eval_images: int = option(256, "validation images used by each evaluation")
     sample_images: int = option(16, "validation images in each reconstruction grid")
 
@@ -111,7 +113,7 @@ class DVAETask(Task):
         if self.dvae.data_init:
             with torch.random.fork_rng(devices=[]):  # reading data must not move the training RNG
                 images = first_images(self.data, DATA_INIT_IMAGES)
-            standardise_logits(model.encoder, self._model_input(self._pixels(images)))
+            standardise_logits(model.encoder, self._model_input(self._pixels(images)), self.dvae.data_init_std)
         return model
 
     # --- schedules (paper section 2.1) -------------------------------------------------------------------------
@@ -217,14 +219,15 @@ def first_images(cfg: DataConfig, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def standardise_logits(encoder: nn.Module, x: torch.Tensor) -> None:
+def standardise_logits(encoder: nn.Module, x: torch.Tensor, target_std: float = 1.0) -> None:
     """Data-dependent initialisation (Salimans & Kingma, 2016) of the encoder's last 1×1 conv: rescale and shift
-    each code's logit to zero mean and unit variance over the positions of the images ``x`` (mapped pixels)."""
+    each code's logit to zero mean and standard deviation ``target_std`` over the positions of the images ``x``
+    (mapped pixels)."""
     conv = encoder.blocks.output.conv
     logits = encoder(x)  # (N, K, g, g)
     mean, std = logits.mean((0, 2, 3)), logits.std((0, 2, 3)).clamp_min(1e-6)  # (K,) each
-    conv.w.mul_((1 / std).view(-1, 1, 1, 1))
-    conv.b.sub_(mean).div_(std)
+    conv.w.mul_((target_std / std).view(-1, 1, 1, 1))
+    conv.b.sub_(mean).mul_(target_std / std)
 
 
 def save_comparison_grid(originals: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,

@@ -68,6 +68,10 @@ class PriorTrainConfig:
     dropout: float | None = option(None, "dropout on embeddings and residual branches (default: the preset's)")
     attn_impl: str | None = option(None, "attention implementation (default: the preset's; all are exact)",
                                    choices=IMPLS)
+    attn_schedule: str | None = option(None, "attention kind per layer (default: the preset's, 'paper'): "
+                                       "'paper', 'dense', or a comma-separated list of dense/row/column/conv")
+    compile: bool = option(False, "compile each transformer block with torch.compile (faster steps after a "
+                           "compilation of about a minute; needs a C compiler on CPU)")
     bpe_dropout: float = option(PAPER_BPE_DROPOUT, "BPE dropout on training captions (paper: 0.1; 0 = off, which "
                                 "makes runs exactly reproducible)")
     text_loss_weight: float = option(TEXT_LOSS_WEIGHT, "weight of the text loss; the image's is 1 minus it "
@@ -104,8 +108,8 @@ class PriorTrainConfig:
             raise UserError(f"prior preset {self.preset!r} models a {base.grid_size}x{base.grid_size} grid of "
                             f"{base.codebook_size} codes but the token cache holds {grid_size}x{grid_size} codes of "
                             f"{codebook_size}; leave out --preset to take the cache's sizes")
-        overrides = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "head_dim", "dropout", "attn_impl")
-                     if getattr(self, k) is not None}
+        overrides = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "head_dim", "dropout", "attn_impl",
+                                                   "attn_schedule") if getattr(self, k) is not None}
         return dataclasses.replace(base, text_vocab_size=tokenizer.vocab_size, text_len=tokenizer.text_len,
                                    grid_size=grid_size, codebook_size=codebook_size, **overrides)
 
@@ -185,7 +189,11 @@ class PriorTask(Task):
         return {"model": to_dict(self.model_cfg), "prior": to_dict(self.prior)}
 
     def build_model(self) -> nn.Module:
-        return PriorTransformer(self.model_cfg)
+        model = PriorTransformer(self.model_cfg)
+        if self.prior.compile:
+            for block in model.blocks:  # in place: parameter names, and so checkpoints, stay those of the model
+                block.compile()
+        return model
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         # Appendix B.2: weight decay on the weight matrices only, never on gains, biases or embeddings.
