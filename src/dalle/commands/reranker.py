@@ -67,20 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dalle.training.loop import Trainer, config_for_run, saved_run_config
+    from dalle.commands._training import RunOptions, finish
+    from dalle.training.loop import Trainer
     from dalle.training.reranker_task import RerankerTask, RerankerTrainConfig, RerankerTrainLoopConfig
 
-    out = Path(getattr(args, "out", _default(RerankerTrainLoopConfig, "out")))
-    saved = saved_run_config(out) if getattr(args, "resume", False) else None
-    train = config_for_run(RerankerTrainLoopConfig, args, saved and saved["train"])
-    rr = config_for_run(RerankerTrainConfig, args, saved and saved["task"]["reranker"])
-    data = config_for_run(DataConfig, args, saved and saved["task"]["data"], prefix="data_")
-    result = Trainer(RerankerTask(rr, data), train).run()
-    if result.eval:
-        print(f"step {result.step}: " + format_eval(result.eval))
-    if result.model_dir is not None:
-        print(f"model: {result.model_dir}")
-    return 130 if result.status == "interrupted" else 0
+    run = RunOptions(args, RerankerTrainLoopConfig)
+    task = RerankerTask(run.task(RerankerTrainConfig, "reranker"), run.task(DataConfig, "data", prefix="data_"))
+    return finish(Trainer(task, run.train).run(), format_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -114,7 +107,3 @@ def format_eval(m: dict[str, float]) -> str:
             f"text→image top-1 {100 * m['t2i_top1']:.1f}% / top-5 {100 * m['t2i_top5']:.1f}% (chance "
             f"{100 * m['chance_top1']:.1f}% / {100 * m['chance_top5']:.1f}% over {int(m['pairs'])} pairs); mean "
             f"score matched {m['score_matched']:.2f} vs mismatched {m['score_mismatched']:.2f}")
-
-
-def _default(cls: type, name: str) -> object:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,22 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dalle.training.loop import Trainer, config_for_run, saved_run_config
+    from dalle.commands._training import RunOptions, finish
+    from dalle.training.loop import Trainer
     from dalle.training.prior_task import PriorTask, PriorTrainConfig, PriorTrainLoopConfig
 
-    out = Path(getattr(args, "out", _default(PriorTrainLoopConfig, "out")))
-    saved = saved_run_config(out) if getattr(args, "resume", False) else None
-    train = config_for_run(PriorTrainLoopConfig, args, saved and saved["train"])
-    prior = config_for_run(PriorTrainConfig, args, saved and saved["task"]["prior"])
-    result = Trainer(PriorTask(prior), train).run()
-    if result.eval:
-        e = result.eval
-        print(f"step {result.step}: val loss {e['loss']:.4f}, text loss {e['text_loss']:.4f}, image loss "
-              f"{e['image_loss']:.4f} nats ({e['image_bits_per_token']:.3f} bits per image token)")
-    if result.model_dir is not None:
-        print(f"model: {result.model_dir}")
-    return 130 if result.status == "interrupted" else 0
-
-
-def _default(cls: type, name: str) -> object:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    run = RunOptions(args, PriorTrainLoopConfig)
+    result = Trainer(PriorTask(run.task(PriorTrainConfig, "prior")), run.train).run()
+    return finish(result, lambda e: f"val loss {e['loss']:.4f}, text loss {e['text_loss']:.4f}, image loss "
+                  f"{e['image_loss']:.4f} nats ({e['image_bits_per_token']:.3f} bits per image token)")

@@ -65,28 +65,22 @@ def register(vae_sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from dalle.commands._training import RunOptions, finish
     from dalle.models.dvae import PRESETS
     from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig
-    from dalle.training.loop import Trainer, config_for_run, saved_run_config
+    from dalle.training.loop import Trainer
 
-    out = Path(getattr(args, "out", _default(DVAETrainLoopConfig, "out")))
-    saved = saved_run_config(out) if getattr(args, "resume", False) else None
-    train = config_for_run(DVAETrainLoopConfig, args, saved and saved["train"])
-    dvae = config_for_run(DVAETrainConfig, args, saved and saved["task"]["dvae"])
-    if saved is not None:
-        data = config_for_run(DataConfig, args, saved["task"]["data"], prefix="data_")
+    run = RunOptions(args, DVAETrainLoopConfig)
+    dvae = run.task(DVAETrainConfig, "dvae")
+    if run.saved is not None:
+        data = run.task(DataConfig, "data", prefix="data_")
     else:
         # The preset fixes the image size unless --data-resolution is given (the model is fully convolutional).
         preset_size = {} if hasattr(args, "data_resolution") else {"resolution": PRESETS[dvae.preset].resolution}
         data = from_args(DataConfig, args, "data_", **preset_size)
-    result = Trainer(DVAETask(dvae, data), train).run()
-    if result.eval:
-        e = result.eval
-        print(f"step {result.step}: val PSNR {e['psnr']:.2f} dB, MSE {e['mse']:.5f}, true ELB {e['true_elb']:.1f} "
-              f"nats, codebook perplexity {e['perplexity']:.1f}, codes used {e['codes_used']}")
-    if result.model_dir is not None:
-        print(f"model: {result.model_dir}")
-    return 130 if result.status == "interrupted" else 0
+    result = Trainer(DVAETask(dvae, data), run.train).run()
+    return finish(result, lambda e: f"val PSNR {e['psnr']:.2f} dB, MSE {e['mse']:.5f}, true ELB "
+                  f"{e['true_elb']:.1f} nats, codebook perplexity {e['perplexity']:.1f}, codes used {e['codes_used']}")
 
 
 def run_encode(args: argparse.Namespace) -> int:
@@ -110,7 +104,3 @@ def run_encode(args: argparse.Namespace) -> int:
     print(f"{result.path}: {result.count} records ({result.encoded} encoded now), "
           f"{model.config.grid_size}x{model.config.grid_size} codes of {model.config.codebook_size}")
     return 0
-
-
-def _default(cls: type, name: str) -> object:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
