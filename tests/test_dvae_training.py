@@ -12,6 +12,7 @@ from dalle.checkpoint import latest_checkpoint
 from dalle.data.config import DataConfig
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE, DVAEConfig
+from dalle.training.code_restarts import CodeRestarts, split_codes
 from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig, standardise_logits
 from dalle.training.loop import TrainConfig, Trainer, config_for_run, with_defaults
 
@@ -28,9 +29,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make_trainer(out, task_cls=DVAETask, **train):
+def make_trainer(out, task_cls=DVAETask, restart_every=2, **train):
     data = DataConfig(resolution=16, size=40)  # 5 batches of 8 per epoch: runs below cross epoch boundaries
-    dvae = DVAETrainConfig(eval_images=16, sample_images=4)
+    # Dead-code restarts every other update, so that resuming is checked with them too.
+    dvae = DVAETrainConfig(eval_images=16, sample_images=4, restart_every=restart_every, restart_fraction=1.0)
     options = dict(out=out, steps=8, batch_size=8, lr=3e-3, log_every=1, eval_every=4, checkpoint_every=100,
                    progress=False, tensorboard=False)
     return Trainer(task_cls(dvae, data, TINY), TrainConfig(**{**options, **train}))
@@ -116,7 +118,7 @@ def test_existing_run_needs_resume(straight):
 
 
 def test_training_reduces_the_loss(tmp_path):
-    make_trainer(tmp_path / "run", steps=40, eval_every=40, lr=3e-3).run()
+    make_trainer(tmp_path / "run", restart_every=0, steps=40, eval_every=40, lr=3e-3).run()
     losses = [float(r["loss"]) for r in rows(tmp_path / "run" / "metrics.csv")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 100  # nats per 16×16 image
 
@@ -160,3 +162,23 @@ def test_data_dependent_init_standardises_each_code(target_std):
     logits = model.encoder(x)  # (N, K, g, g)
     torch.testing.assert_close(logits.mean((0, 2, 3)), torch.zeros(16), atol=1e-4, rtol=0)
     torch.testing.assert_close(logits.std((0, 2, 3)), torch.full((16,), target_std), atol=1e-3, rtol=1e-3)
+
+
+def test_dead_codes_are_restarted_as_halves_of_busy_ones():
+    torch.manual_seed(0)
+    model = DVAE(TINY)
+    x = torch.rand(8, 3, 16, 16) * 0.8 + 0.1
+    with torch.no_grad():
+        model.encoder.blocks.output.conv.b[0] = 1e3  # a collapsed codebook: code 0 everywhere
+    assert set(model.encoder(x).argmax(1).unique().tolist()) == {0}
+    before = model.decoder.blocks.input.w.detach().clone()
+    made = split_codes(model.encoder, model.decoder, x, 4, torch.Generator().manual_seed(0))
+    codes = model.encoder(x).argmax(1)
+    assert made == 4 and len(codes.unique()) >= 4  # new codes took positions from code 0 (a later split may take
+    # all of an earlier one's, as in k-means)
+    changed = [k for k in range(TINY.codebook_size) if not torch.equal(model.decoder.blocks.input.w[:, k], before[:, k])]
+    assert len(changed) == 4 and set(codes.unique().tolist()) <= {0, *changed}
+    for k in changed:  # the decoder reads a new code as the code it was split from (all descend from code 0)
+        torch.testing.assert_close(model.decoder.blocks.input.w[:, k], before[:, 0])
+    restarts = CodeRestarts(x, every=3, until_step=7, max_per_check=2)
+    assert [s for s in range(10) if restarts.due(s)] == [3, 6]

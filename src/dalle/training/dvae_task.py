@@ -30,6 +30,7 @@ from dalle.data.loader import make_loader
 from dalle.data.records import SkipStats
 from dalle.data.transforms import map_pixels, to_float, to_uint8
 from dalle.models.dvae import DVAE, PRESETS, DVAEConfig
+from dalle.training.code_restarts import CodeRestarts
 from dalle.training.loop import Task, TrainConfig, with_defaults
 from dalle.training.losses import bits_per_dim, code_usage, dvae_terms, psnr
 from dalle.training.schedules import cosine, linear, schedule_steps
@@ -69,6 +70,11 @@ class DVAETrainConfig:
                              "is standardised over 256 training images (see the module doc)")
     data_init_std: float = option(1.0, "standard deviation of each code's logit after the data-dependent "
                                   "initialisation")
+    restart_every: int = option(25, "every this many updates, re-make codes that no image of a fixed training "
+                                "sample uses by splitting busy ones (against codebook collapse at small scale; "
+                                "not in the paper; 0 = off)")
+    restart_fraction: float = option(0.5, "restart dead codes only in this first fraction of the run")
+    restart_max: int = option(16, "codes restarted at most per check")
     eval_images: int = option(256, "validation images used by each evaluation")
     sample_images: int = option(16, "validation images in each reconstruction grid")
 
@@ -84,6 +90,9 @@ class DVAETrainConfig:
         check(self.beta >= 0, self, "beta", "must be >= 0")
         check(self.beta_steps is None or self.beta_steps >= 0, self, "beta_steps", "must be >= 0")
         check(0.0 <= self.beta_fraction <= 1.0, self, "beta_fraction", "must be in [0, 1]")
+        check(self.restart_every >= 0, self, "restart_every", "must be >= 0")
+        check(0.0 <= self.restart_fraction <= 1.0, self, "restart_fraction", "must be in [0, 1]")
+        check(self.restart_max >= 1, self, "restart_max", "must be at least 1")
         check(self.eval_images >= 1, self, "eval_images", "must be at least 1")
         check(self.sample_images >= 0, self, "sample_images", "must be >= 0")
 
@@ -104,6 +113,7 @@ class DVAETask(Task):
             raise ValueError(f"model resolution {self.model_cfg.resolution} != data resolution {data.resolution}")
         self.stats = SkipStats()
         self._val: torch.Tensor | None = None
+        self.restarts: CodeRestarts | None = None
 
     def config(self) -> dict[str, Any]:
         return {"model": to_dict(self.model_cfg), "dvae": to_dict(self.dvae), "data": to_dict(self.data)}
@@ -112,10 +122,15 @@ class DVAETask(Task):
         # channels_last: oneDNN's convolutions skip a layout conversion per conv, ~1.5x faster per step on CPU; the
         # batches arrive in that layout already ((B, H, W, 3) uint8 permuted to (B, 3, H, W)).
         model = DVAE(self.model_cfg).to(self.device, memory_format=torch.channels_last)
-        if self.dvae.data_init:
+        d = self.dvae
+        if d.data_init or d.restart_every > 0:
             with torch.random.fork_rng(devices=[]):  # reading data must not move the training RNG
-                images = first_images(self.data, DATA_INIT_IMAGES)
-            standardise_logits(model.encoder, self._model_input(self._pixels(images)), self.dvae.data_init_std)
+                x = map_pixels(self._pixels(first_images(self.data, DATA_INIT_IMAGES)))
+            if d.data_init:
+                standardise_logits(model.encoder, x, d.data_init_std)
+            if d.restart_every > 0:
+                until = schedule_steps(None, d.restart_fraction, self.cfg.steps)
+                self.restarts = CodeRestarts(x, d.restart_every, until, d.restart_max, self.cfg.seed)
         return model
 
     # --- schedules (paper section 2.1) -------------------------------------------------------------------------
@@ -151,11 +166,12 @@ class DVAETask(Task):
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         x = self._model_input(self._pixels(batch["images"]))  # (B, 3, H, W) in [ε, 1 − ε]
         tau, beta = self.tau(step), self.beta(step)
+        restarted = self.restarts(step, model.encoder, model.decoder) if self.restarts is not None else 0
         terms, logits, _ = dvae_terms(model.encoder, model.decoder, x, tau)
         perplexity, used = code_usage(logits.detach().argmax(1), self.model_cfg.codebook_size)
         nll, kl = terms.nll.detach().mean(), terms.kl.detach().mean()
         metrics = {"nll": nll, "kl": kl, "bpd": bits_per_dim(nll, x[0].numel()), "relaxed_elb": -(nll + kl),
-                   "tau": tau, "beta": beta, "perplexity": perplexity, "codes_used": used}
+                   "tau": tau, "beta": beta, "perplexity": perplexity, "codes_used": used, "codes_restarted": restarted}
         return terms.objective(beta), metrics
 
     # --- evaluation --------------------------------------------------------------------------------------------
