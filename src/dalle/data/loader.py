@@ -7,12 +7,18 @@ since that worker's previous batch, and each worker ends with a batch holding on
 merges them into ``loader.stats`` in the main process, so ``loader.stats.summary()`` is complete after a pass even with
 worker processes. A split that yields no sample at all raises :class:`~dalle.errors.UserError` with that summary.
 
+The rank and number of ranks are torch.distributed's (taken when the loader is made, so worker processes need not
+see the process group), except inside :func:`whole_data`, where every loader reads the whole split as one process
+does: evaluation on rank 0 and data-dependent initialisation must see the same data in every process.
+
 Batches are ``{"images": (B, H, W, 3) uint8 tensor, "captions": [str], "keys": [str], "attributes": [dict | None]}``;
 :func:`dalle.data.transforms.to_float` makes the images training-ready.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import random
 from collections.abc import Iterable, Iterator
@@ -32,9 +38,42 @@ from dalle.errors import UserError
 Batch = dict[str, Any]
 
 
-def shard_layout() -> tuple[int, int]:
-    """(shard, num_shards) of the calling DataLoader worker on this rank: each record is read by exactly one of them."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+_FORCED_RANKS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("data_ranks", default=None)
+
+
+def process_ranks() -> tuple[int, int]:
+    """(rank, number of ranks) whose share of the data this process reads: torch.distributed's, or (0, 1) inside
+    :func:`whole_data` or without a process group."""
+    forced = _FORCED_RANKS.get()
+    if forced is not None:
+        return forced
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def data_ranks(rank: int, world: int) -> Iterator[None]:
+    """Loaders (and token-cache batches) made inside the block read the share of ``rank`` of ``world``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    token = _FORCED_RANKS.set((rank, world))
+    try:
+        yield
+    finally:
+        _FORCED_RANKS.reset(token)
+
+
+def whole_data() -> contextlib.AbstractContextManager[None]:
+    """Loaders (and token-cache batches) made inside the block read the whole split, whatever the process's rank."""
+    return data_ranks(0, 1)
+
+
+def shard_layout(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(shard, num_shards) of the calling DataLoader worker on ``rank`` of ``world`` (default: this process's, see
+    :func:`process_ranks`): each record is read by exactly one of them."""
+    if rank is None or world is None:
+        rank, world = process_ranks()
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * workers + worker, world * workers
@@ -94,6 +133,7 @@ class BatchStream(IterableDataset):
         self.source, self.cfg, self.batch_size = source, cfg, batch_size
         self.shuffle, self.shuffle_buffer, self.repeat = shuffle, shuffle_buffer, repeat
         self.drop_last, self.start_epoch = drop_last, start_epoch
+        self.rank, self.world = process_ranks()  # here, in the main process: workers may not see the process group
 
     def epoch_samples(self, epoch: int, shard: int, num_shards: int, stats: SkipStats) -> Iterator[Sample]:
         records = self.source.records(shard, num_shards)
@@ -103,7 +143,7 @@ class BatchStream(IterableDataset):
         yield from iter_samples(records, self.cfg, stats, rng)
 
     def __iter__(self) -> Iterator[Batch]:
-        shard, num_shards = shard_layout()
+        shard, num_shards = shard_layout(self.rank, self.world)
         stats = SkipStats()
         pending: list[Sample] = []
         epochs = itertools.count(self.start_epoch) if self.repeat else [self.start_epoch]
@@ -157,8 +197,8 @@ class Loader:
                 yield batch
         if yielded == 0:
             where = ""
-            if dist.is_available() and dist.is_initialized():
-                where = f" on rank {dist.get_rank()} of {dist.get_world_size()}"
+            if self.stream.world > 1:
+                where = f" on rank {self.stream.rank} of {self.stream.world}"
             raise UserError(f"dataset {self.name} yielded no usable sample{where}: "
                             + "; ".join(line.strip() for line in self.stats.summary().splitlines()))
 

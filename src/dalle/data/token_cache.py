@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from dalle.checkpoint import read_json, write_text_atomic
 from dalle.config import to_dict
 from dalle.data.config import DataConfig
-from dalle.data.loader import make_loader
+from dalle.data.loader import make_loader, process_ranks
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
 
@@ -317,13 +317,18 @@ def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, 
 
 
 def cache_batches(cache: TokenCache, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                  rank: int = 0, world_size: int = 1, workers: int = 0, drop_last: bool = True,
+                  rank: int | None = None, world_size: int | None = None, workers: int = 0, drop_last: bool = True,
                   start_batch: int = 0) -> Iterator[dict[str, Any]]:
-    """One epoch of batches ``{"codes": (B, g, g) int64, "captions", "keys", "attributes", "indices"}`` for ``rank``.
+    """One epoch of batches ``{"codes": (B, g, g) int64, "captions", "keys", "attributes", "indices"}`` for ``rank``
+    of ``world_size`` (default: this process's, :func:`dalle.data.loader.process_ranks`).
 
     The order depends only on (seed, epoch), so a resumed run passes ``start_batch`` to continue exactly; DataLoader
-    workers each fetch whole batches.
+    workers each fetch whole batches. Batch ``i`` of the R ranks, each of ``batch_size``, together hold records
+    ``order[i·R·batch_size : (i+1)·R·batch_size]`` of the epoch's permutation: exactly what one process drawing
+    batches of ``R·batch_size`` would see as its batch ``i``, whatever R is.
     """
+    if rank is None or world_size is None:
+        rank, world_size = process_ranks()
     order = epoch_order(len(cache), seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size)
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     batches = [order[i:i + batch_size].tolist() for i in range(0, stop, batch_size)][start_batch:]

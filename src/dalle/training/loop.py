@@ -13,7 +13,11 @@ batches an uninterrupted run would have seen. (The skipped batches are read agai
 data loading.) Evaluation and sampling run under a forked RNG, so they never shift the training random stream.
 
 SIGINT / SIGTERM finish the current update, write a checkpoint and return; a second SIGINT aborts at once. An
-exception between updates also writes a checkpoint before it propagates, so a crash loses nothing.
+exception between updates also writes a checkpoint before it propagates, so a crash loses nothing (with one process;
+several processes cannot agree on a crash, so there the last periodic checkpoint is what remains).
+
+Several processes (``torchrun``), mixed precision with per-block gradient scaling and activation checkpointing are
+applied from outside the task: :mod:`dalle.training.distributed` and :mod:`dalle.training.precision`.
 """
 
 from __future__ import annotations
@@ -38,24 +42,27 @@ from torch import nn
 
 from dalle import checkpoint as ck
 from dalle.config import check, from_dict, option, to_dict
+from dalle.data.loader import whole_data
 from dalle.errors import UserError
-from dalle.training.ema import EMA
+from dalle.training import distributed as par
 from dalle.training.logging import MetricsWriter, format_metrics
+from dalle.training.precision import AMP_CHOICES, FP16_SCALING, autocast_dtype
 from dalle.training.schedules import learning_rate
 
 log = logging.getLogger(__name__)
 
-AMP_CHOICES = ("auto", "bf16", "none")
 # Fields that describe one session rather than the run: a resumed run takes them from the command line, never from
-# the checkpoint, and changing them does not change the numbers the run produces.
-SESSION_FIELDS = ("out", "resume", "stop_at_step", "workers", "progress", "tensorboard", "device", "threads")
+# the checkpoint, and changing them does not change the numbers the run produces (beyond rounding).
+SESSION_FIELDS = ("out", "resume", "stop_at_step", "workers", "progress", "tensorboard", "device", "threads",
+                  "parallel", "fsdp_shard_size", "activation_checkpointing")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     out: Path = option(Path("runs/train"), "run directory: checkpoints, metrics, samples and the exported model")
     steps: int = option(2000, "optimizer updates in the whole run; every schedule is laid out over this many")
-    batch_size: int = option(32, "examples per micro-batch")
+    batch_size: int = option(32, "examples per micro-batch, over all processes (each of N processes takes "
+                             "batch_size / N)")
     grad_accum: int = option(1, "micro-batches per update (effective batch = batch_size x grad_accum)")
     lr: float = option(1e-3, "peak learning rate (Adam)")
     lr_min: float = option(1e-5, "learning rate at the end of the cosine decay")
@@ -67,8 +74,29 @@ class TrainConfig:
     ema_decay: float = option(0.999, "decay of the weight EMA used for evaluation and export (paper: 0.999)")
     ema_warmup: bool = option(True, "warm the EMA decay up as min(decay, (1+n)/(10+n)) so short runs average "
                               "recent weights, not the initialisation")
-    amp: str = option("auto", "autocast dtype: auto = bf16 on a GPU that supports it, none on CPU",
-                      choices=AMP_CHOICES)
+    amp: str = option("auto", "autocast dtype: auto = bf16 on a GPU that supports it, none on CPU; fp16 adds "
+                      "dynamic gradient scaling (--fp16-scaling)", choices=AMP_CHOICES)
+    fp16_scaling: str = option("block", "with --amp fp16: one gradient scale per residual block (the paper's fix for "
+                               "underflowing gradients in deep resblocks, section 2.4) or one loss scale (global)",
+                               choices=FP16_SCALING)
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass instead "
+                                            "of keeping them (paper 2.4): much less memory, about 1/3 more compute")
+    parallel: str = option("ddp", "with several processes (torchrun): ddp keeps the whole model on each; fsdp shards "
+                           "parameters, gradients, optimizer state and EMA per block (FSDP2; the paper's parameter "
+                           "sharding)", choices=par.PARALLEL)
+    fsdp_shard_size: int | None = option(None, "fsdp: shard over groups of this many processes (e.g. the 8 GPUs of "
+                                         "a node) and replicate across groups (HSDP), as the paper sharded within a "
+                                         "machine; default: over all processes")
+    meta_init: bool = option(True, "fsdp: build the model on the meta device and initialise each process's shards "
+                             "with the model's init_weights(), so the whole model never exists in one process (how "
+                             "the paper-size presets start); off: build it whole first, as one process does")
+    powersgd_rank: int | None = option(None, "ddp: compress the gradients with PowerSGD at this rank, with error "
+                                       "feedback (paper 2.5: 512, 640, 896 for the 2.8B, 5.6B, 12B priors); "
+                                       "default: plain all-reduce")
+    powersgd_start: int = option(10, "ddp + PowerSGD: plain all-reduce for the first N updates (at least 2)")
+    powersgd_16bit: bool = option(False, "ddp + PowerSGD: send the gradients and factors in bf16, 16 bits as the "
+                                  "paper did (bf16, not fp16: torch orthogonalises the factors by Gram-Schmidt in "
+                                  "that dtype, and fp16 norms underflow to NaN)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     seed: int = option(0, "seed of the initialisation and of the training noise")
@@ -100,6 +128,14 @@ class TrainConfig:
         check(self.grad_clip is None or self.grad_clip > 0, self, "grad_clip", "must be positive")
         check(0.0 <= self.ema_decay < 1.0, self, "ema_decay", "must be in [0, 1)")
         check(self.amp in AMP_CHOICES, self, "amp", f"must be one of {', '.join(AMP_CHOICES)}")
+        check(self.fp16_scaling in FP16_SCALING, self, "fp16_scaling", f"must be one of {', '.join(FP16_SCALING)}")
+        check(self.parallel in par.PARALLEL, self, "parallel", f"must be one of {', '.join(par.PARALLEL)}")
+        check(self.fsdp_shard_size is None or self.fsdp_shard_size >= 1, self, "fsdp_shard_size", "must be at least 1")
+        check(self.powersgd_rank is None or self.powersgd_rank >= 1, self, "powersgd_rank", "must be at least 1")
+        check(self.powersgd_rank is None or self.parallel == "ddp", self, "powersgd_rank",
+              "needs --parallel ddp (PowerSGD is a DDP communication hook)")
+        check(self.powersgd_start >= 2, self, "powersgd_start", "must be at least 2 (torch's hook needs two plain "
+              "all-reduce iterations with error feedback)")
         check(self.threads is None or self.threads >= 1, self, "threads", "must be at least 1")
         check(self.workers >= 0, self, "workers", "must be >= 0")
         for name in ("log_every", "eval_every", "checkpoint_every"):
@@ -164,8 +200,10 @@ class Task(abc.ABC):
     cfg: TrainConfig
     device: torch.device
     progress_keys: tuple[str, ...] = ()  # metrics shown in the progress bar besides loss and lr
+    meta_init = False  # build_model() works on the meta device and the model has init_weights() (see meta_init)
 
     def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        """With N processes ``cfg.batch_size`` is this process's share of the micro-batch (the run's / N)."""
         self.cfg, self.device = cfg, device
 
     @abc.abstractmethod
@@ -196,6 +234,12 @@ class Task(abc.ABC):
         """Write a picture of what the EMA ``model`` does now; returns its path."""
         return None
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's residual blocks: the unit of FSDP sharding, activation checkpointing and per-block gradient
+        scaling (default: ``model.blocks`` when it is a ModuleList; none otherwise)."""
+        blocks = getattr(model, "blocks", None)
+        return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.cfg
         cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
@@ -208,10 +252,16 @@ class Task(abc.ABC):
 
 
 class EpochStream:
-    """Batches of ``make_epoch(0)``, ``make_epoch(1)``, ... with the position (epoch, batches used in that epoch)."""
+    """Batches of ``make_epoch(0)``, ``make_epoch(1)``, ... with the position (epoch, batches used in that epoch).
 
-    def __init__(self, make_epoch: Callable[[int], Iterable[Any]], epoch: int = 0, batch: int = 0):
+    ``any_process`` (several processes) makes all of them end an epoch together, when the first runs out of batches
+    (their shards of a streamed dataset can differ in size), so they all take the same steps and share one position.
+    """
+
+    def __init__(self, make_epoch: Callable[[int], Iterable[Any]], epoch: int = 0, batch: int = 0,
+                 any_process: Callable[[bool], bool] | None = None):
         self.make_epoch, self.epoch, self.batch = make_epoch, epoch, batch
+        self.any_process = any_process
         self.skipped_on_resume = 0
         self._it: Iterator[Any] | None = None
 
@@ -235,7 +285,8 @@ class EpochStream:
                     next(self._it, None)
                     self.skipped_on_resume += 1
             item = next(self._it, _END)
-            if item is not _END:
+            ended = self.any_process(item is _END) if self.any_process is not None else item is _END
+            if not ended:
                 self.batch += 1
                 return item
             used = self.batch
@@ -276,15 +327,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where it is fast and safe (a GPU that supports it) for ``auto``; fp32 on CPU unless asked."""
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 class _Signals:
     """First SIGINT/SIGTERM: ask the loop to stop after this update. Second SIGINT: KeyboardInterrupt."""
 
@@ -310,10 +352,25 @@ class _Signals:
             signal.signal(s, h)
 
 
+class _NoMetrics:
+    """The metrics writer of processes other than rank 0: they compute the same averaged rows but write nothing."""
+
+    def log(self, kind: str, step: int, row: dict[str, float]) -> None:
+        pass
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig):
         self.task, self.cfg = task, cfg
-        self.device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        self.procs = par.Processes.from_env(device)
+        self.device = self.procs.place(device)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.step = 0
         self.elapsed = 0.0  # seconds of training (all sessions), evaluation included
@@ -322,23 +379,32 @@ class Trainer:
         self._acc: dict[str, float] = {}
         self._acc_n = 0
         self.last_eval: dict[str, float] = {}
+        self._evaluated = False  # in this session (every process knows; only rank 0 holds the values)
 
     # --- set-up ------------------------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        cfg = self.cfg
+        cfg, procs = self.cfg, self.procs
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
-        self.task.setup(cfg, self.device)
-        self.model = self.task.build_model().to(self.device)
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        local = dataclasses.replace(cfg, batch_size=procs.local_batch_size(cfg.batch_size)) if procs.enabled else cfg
+        self.task.setup(local, self.device)
+        with whole_data():  # a data-dependent initialisation reads the same images in every process
+            self.prep = par.prepare(self.task, cfg, procs, self.device, self.amp_dtype)
+        self.model, self.ema, self.scaling = self.prep.model, self.prep.ema, self.prep.scaling
         self.opt = self.task.optimizer(self.model)
-        self.metrics = MetricsWriter(cfg.out, cfg.tensorboard)
-        self.stream = EpochStream(self.task.train_batches)
+        self.metrics = MetricsWriter(cfg.out, cfg.tensorboard) if procs.is_main else _NoMetrics()
+        self.stream = self._stream()
         self._data_pos = self.stream.position()
+        if procs.enabled:
+            log.info("rank %d of %d on %s: %s, %d examples per process and micro-batch", procs.rank,
+                     procs.world_size, self.device, self.prep.mode, local.batch_size)
+
+    def _stream(self, epoch: int = 0, batch: int = 0) -> EpochStream:
+        return EpochStream(self.task.train_batches, epoch, batch, self.procs.any if self.procs.enabled else None)
 
     def _run_config(self) -> dict[str, Any]:
         train = {k: v for k, v in to_dict(self.cfg).items() if k not in SESSION_FIELDS}
@@ -354,38 +420,43 @@ class Trainer:
         if not cfg.resume:
             raise UserError(f"{cfg.out} already holds a run (checkpoint {latest.name}); pass --resume to continue "
                             "it or choose another --out")
-        config, tensors, state = ck.load_checkpoint(latest, self.device)
+        weights = self.procs.is_main or not self.prep.sharded  # under fsdp rank 0 reads and scatters them
+        config, tensors, state = par.read_checkpoint(latest, weights, "cpu" if self.prep.sharded else self.device)
         saved, now = config.get("task", {}), self.task.config()
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
+        if changed and self.procs.is_main:
             log.warning("resume: task options differ from the checkpoint's (%s); the run will not match an "
                         "uninterrupted one", ", ".join(changed))
         try:
-            self.model.load_state_dict(tensors["model"])
+            self.prep.load_states(self.opt, tensors, state)
         except RuntimeError as e:
             raise UserError(f"cannot resume {cfg.out}: the checkpoint does not fit the model "
                             f"({str(e).splitlines()[0]})") from None
-        self.ema.load_state_dict(tensors["ema"], state["ema_updates"])
-        self.opt.load_state_dict(ck.optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
         ck.set_rng_state({k: v.cpu() for k, v in tensors["rng"].items()}, state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self._acc, self._acc_n = state["metrics_acc"], state["metrics_acc_n"]
-        self.stream = EpochStream(self.task.train_batches, **state["data"])
+        self.stream = self._stream(**state["data"])
         self._data_pos = self.stream.position()
         self.metrics.resume_at(self.step)
-        log.info("resumed %s at step %d (epoch %d, batch %d)", cfg.out, self.step, self.stream.epoch,
-                 self.stream.batch)
+        if self.procs.is_main:
+            log.info("resumed %s at step %d (epoch %d, batch %d)", cfg.out, self.step, self.stream.epoch,
+                     self.stream.batch)
         return True
 
-    def save_checkpoint(self) -> Path:
-        opt_tensors, opt_meta = ck.optimizer_to_tensors(self.opt.state_dict())
-        rng_tensors, rng_meta = ck.rng_state()
-        state = {"elapsed_s": self._elapsed(), "ema_updates": self.ema.updates, "data": self._data_pos,
-                 "metrics_acc": self._acc, "metrics_acc_n": self._acc_n, "optimizer": opt_meta, "rng": rng_meta}
-        tensors = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": opt_tensors,
-                   "rng": rng_tensors}
-        path = ck.save_checkpoint(self.cfg.out, self.step, config=self._run_config(), tensors=tensors, state=state,
-                                  keep=self.cfg.keep_checkpoints)
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0; under fsdp every process takes part in gathering it); its path on rank 0."""
+        model, ema, opt = self.prep.full_states(self.opt)
+        path = None
+        if self.procs.is_main:
+            opt_tensors, opt_meta = ck.optimizer_to_tensors(opt)
+            rng_tensors, rng_meta = ck.rng_state()
+            state = {"elapsed_s": self._elapsed(), "ema_updates": self.ema.updates, "data": self._data_pos,
+                     "metrics_acc": self._acc, "metrics_acc_n": self._acc_n, "optimizer": opt_meta, "rng": rng_meta,
+                     "grad_scaling": self.scaling.state_dict() if self.scaling is not None else None}
+            tensors = {"model": model, "ema": ema, "optimizer": opt_tensors, "rng": rng_tensors}
+            path = ck.save_checkpoint(self.cfg.out, self.step, config=self._run_config(), tensors=tensors,
+                                      state=state, keep=self.cfg.keep_checkpoints)
+        self.procs.barrier()
         self._saved_step = self.step
         return path
 
@@ -395,19 +466,26 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        try:
+            return self._run()
+        finally:
+            self.procs.close()
+
+    def _run(self) -> TrainResult:
+        cfg, main = self.cfg, self.procs.is_main
         self._build()
         self._restore()
         self._session_start = time.perf_counter()
         self._saved_step = self.step
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        ck.write_text_atomic(cfg.out / "config.json", _json(self._run_config()))
+        if main:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            ck.write_text_atomic(cfg.out / "config.json", _json(self._run_config()))
         status = "complete"
-        bar = _progress(cfg, self.step)
+        bar = _progress(cfg, self.step, main)
         try:
             with _Signals() as signals:
                 while self.step < cfg.steps:
-                    if signals.received is not None:
+                    if self.procs.any(signals.received is not None):  # every process stops after the same update
                         status = "interrupted"
                         break
                     if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
@@ -415,12 +493,13 @@ class Trainer:
                         break
                     self._update(bar)
                     self._periodic(bar)
-                if status == "complete" and not self.last_eval:
+                if status == "complete" and not self._evaluated:
                     self._evaluate(bar, record=False)  # a resumed, finished run still reports its metrics
             if self._saved_step != self.step:
                 self.save_checkpoint()
         except BaseException:
-            if self._safe and self._saved_step != self.step:
+            # Several processes cannot agree on writing a checkpoint after one of them failed.
+            if self._safe and self._saved_step != self.step and not self.procs.enabled:
                 path = self.save_checkpoint()
                 log.error("training failed after step %d; checkpoint written to %s", self.step, path)
             raise
@@ -428,19 +507,34 @@ class Trainer:
             bar.close()
             self.stream.close()
             self.metrics.close()
-        model_dir = None
-        if status == "complete":
-            model_dir = cfg.out / "model"
-            self.task.export(self.ema.model_ema, model_dir)
+        model_dir = self._export() if status == "complete" else None
+        if main:
+            self._report(status, model_dir)
+        return TrainResult(self.step, status, self.last_eval, self._elapsed(), model_dir)
+
+    def _export(self) -> Path | None:
+        """Rank 0 writes the EMA model and returns where; the others wait and return None."""
+        model_dir = self.cfg.out / "model"
+        model = self._whole_ema()
+        if model is not None:
+            self.task.export(model, model_dir)
+        self.procs.barrier()
+        return model_dir if self.procs.is_main else None
+
+    def _report(self, status: str, model_dir: Path | None) -> None:
+        cfg = self.cfg
         summary = self.task.data_summary()
         if summary:
             log.info("data: %s", summary.replace("\n", "\n  "))
         if self.stream.skipped_on_resume:
             log.info("data: %d batches already used before the resume were read again and skipped",
                      self.stream.skipped_on_resume)
+        saving = self.prep.powersgd_saving()
+        if saving is not None:
+            log.info("PowerSGD at rank %d saved %.1f%% of the fp32 gradient bytes of the updates it compressed",
+                     cfg.powersgd_rank, 100 * saving)
         log.info("%s at step %d of %d (%.0f s); %s", status, self.step, cfg.steps, self._elapsed(),
                  f"model exported to {model_dir}" if model_dir else f"resume with --resume --out {cfg.out}")
-        return TrainResult(self.step, status, self.last_eval, self._elapsed(), model_dir)
 
     def _update(self, bar: Any) -> None:
         cfg = self.cfg
@@ -448,28 +542,28 @@ class Trainer:
         # Data first: a failure while reading leaves the state of the last completed update intact (and saved).
         batches = [next(self.stream) for _ in range(cfg.grad_accum)]
         self._safe = False
+        self.procs.reseed(cfg.seed, self.step)
         lr = learning_rate(self.step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a task may run a group at a multiple of the rate
         self.model.train()
-        totals: dict[str, float] = {}
-        finite = True
-        for batch in batches:
-            with self._autocast():
-                loss, metrics = self.task.loss(self.model, batch, self.step)
-            (loss / cfg.grad_accum).backward()
-            value = float(loss.detach())
-            finite = finite and math.isfinite(value)
-            for k, v in {"loss": value, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-        if finite:
+        totals = self._backward(batches)
+        totals = self.procs.mean(totals)  # every process logs, and decides on, the same numbers
+        finite = totals.pop("nonfinite_loss") == 0
+        grads_ok = self.scaling.unscale_() if self.scaling is not None else True
+        if finite and grads_ok:
             if cfg.grad_clip is not None:
-                totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                totals["grad_norm"] = par.grad_norm_value(norm)
             self.opt.step()
             self.ema.update(self.model)
         else:
             totals["skipped_updates"] = 1.0
-            log.warning("step %d: non-finite loss, update skipped", self.step)
+            if not finite and self.procs.is_main:
+                log.warning("step %d: non-finite loss, update skipped", self.step)
+        if self.scaling is not None:
+            self.scaling.update()  # an fp16 overflow lowers the scale of the group to blame (precision.py)
+            totals.update(self.scaling.summary())
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self._data_pos = self.stream.position()
@@ -481,6 +575,22 @@ class Trainer:
         self._acc_n += 1
         bar.update(1)
 
+    def _backward(self, batches: list[Any]) -> dict[str, float]:
+        """Forward and backward passes of the micro-batches of one update: their mean loss and metrics."""
+        totals: dict[str, float] = {"nonfinite_loss": 0.0}
+        for i, batch in enumerate(batches):
+            with self.prep.sync(last=i == len(batches) - 1):
+                with self._autocast():
+                    loss, metrics = self.prep.loss(batch, self.step)
+                scaled = loss / len(batches)
+                (self.scaling.scale_loss(scaled) if self.scaling is not None else scaled).backward()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                totals["nonfinite_loss"] = 1.0
+            for k, v in {"loss": value, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        return totals
+
     def _periodic(self, bar: Any) -> None:
         cfg, step = self.cfg, self.step
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -488,6 +598,9 @@ class Trainer:
             row["skipped_updates"] = self._acc.get("skipped_updates", 0.0)
             row["epoch"] = self.stream.epoch
             row["elapsed_s"] = self._elapsed()
+            saving = self.prep.powersgd_saving()
+            if saving is not None:
+                row["powersgd_saving"] = saving
             self._acc, self._acc_n = {}, 0
             self.metrics.log("train", step, row)
             bar.set_postfix_str(format_metrics(row, ["loss", "lr"] + self.task_keys(row)), refresh=False)
@@ -500,18 +613,27 @@ class Trainer:
         return [k for k in getattr(self.task, "progress_keys", ()) if k in row]
 
     def _evaluate(self, bar: Any, record: bool = True) -> None:
-        model = self.ema.model_ema
-        with self._forked_rng(), torch.no_grad():
-            values = self.task.evaluate(model, self.step)
-            sample = self.task.write_samples(model, self.step, self.cfg.out / "samples") if record else None
-        if values:
-            if record:
-                self.metrics.log("eval", self.step, values)
-            self.last_eval = values
-            message = f"step {self.step}: {format_metrics(values)}"
-            if sample is not None:
-                message += f"  [{sample}]"
-            _say(bar, message)
+        """Evaluate the EMA model (and draw samples) on rank 0 over the whole validation data; the others wait."""
+        self._evaluated = True
+        model = self._whole_ema()
+        if model is not None:
+            with self._forked_rng(), torch.no_grad(), whole_data():
+                values = self.task.evaluate(model, self.step)
+                sample = self.task.write_samples(model, self.step, self.cfg.out / "samples") if record else None
+            if values:
+                if record:
+                    self.metrics.log("eval", self.step, values)
+                self.last_eval = values
+                message = f"step {self.step}: {format_metrics(values)}"
+                if sample is not None:
+                    message += f"  [{sample}]"
+                _say(bar, message)
+        self.procs.barrier()
+
+    def _whole_ema(self) -> nn.Module | None:
+        """The EMA model, whole, on rank 0 (gathered from its shards under fsdp: a collective); None elsewhere."""
+        with self._forked_rng(), whole_data():  # building rank 0's copy must not move the training random stream
+            return self.prep.whole_ema(self.task, self.device, self.procs.is_main, self.cfg.meta_init)
 
     @contextmanager
     def _forked_rng(self) -> Iterator[None]:
@@ -530,10 +652,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def _progress(cfg: TrainConfig, start: int) -> Any:
+def _progress(cfg: TrainConfig, start: int, show: bool = True) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+    return tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and show), unit="step", dynamic_ncols=True,
                 smoothing=0.05)
 
 

@@ -33,8 +33,9 @@ from dalle.data.loader import make_loader
 from dalle.data.records import SkipStats
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
-from dalle.models.reranker import PRESETS, ContrastiveModel, Reranker, RerankerConfig
+from dalle.models.reranker import PRESETS, ContrastiveModel, Reranker, RerankerConfig, ResBlock, TextBlock
 from dalle.tokenizers.text import TextTokenizer
+from dalle.training.distributed import gather_batch, gather_list
 from dalle.training.loop import Task, TrainConfig, with_defaults
 
 TOP_K = (1, 5)
@@ -220,9 +221,12 @@ class RerankerTask(Task):
         images = to_float(batch["images"].to(self.device, non_blocking=True))  # (B, 3, H, W) in [0, 1]
         ids, pad_mask = self._reranker(model).tokenize(batch["captions"])  # (B, L)
         image_emb, text_emb, scale = model(images, ids, pad_mask)
+        # With several processes the loss is over the whole batch: every process gathers all embeddings (CLIP's
+        # gathered loss), so it is the loss a single process computes on the same batch.
+        image_emb, text_emb, captions = gather_batch(image_emb), gather_batch(text_emb), gather_list(batch["captions"])
         positives = None
         if self.rr.multi_positive:
-            positives = caption_positives([self.tokenizer.normalize(c) for c in batch["captions"]]).to(self.device)
+            positives = caption_positives([self.tokenizer.normalize(c) for c in captions]).to(self.device)
         loss, loss_i2t, loss_t2i = contrastive_loss(image_emb, text_emb, scale, positives)
         with torch.no_grad():
             best = (image_emb @ text_emb.T).argmax(1)  # (B,) caption chosen for each image in the batch
@@ -239,6 +243,10 @@ class RerankerTask(Task):
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         images, captions = self.val_pairs()
         return evaluate_retrieval(self._reranker(model), images, captions, batch_size=256)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The residual blocks: units of sharding, activation checkpointing and per-block gradient scaling."""
+        return [m for m in model.modules() if isinstance(m, ResBlock | TextBlock)]
 
     def export(self, model: nn.Module, path: Path) -> None:
         self._reranker(model).save_pretrained(path)
