@@ -176,9 +176,18 @@ def test_dead_codes_are_restarted_as_halves_of_busy_ones():
     codes = model.encoder(x).argmax(1)
     assert made == 4 and len(codes.unique()) >= 4  # new codes took positions from code 0 (a later split may take
     # all of an earlier one's, as in k-means)
-    changed = [k for k in range(TINY.codebook_size) if not torch.equal(model.decoder.blocks.input.w[:, k], before[:, k])]
+    after = model.decoder.blocks.input.w
+    changed = [k for k in range(TINY.codebook_size) if not torch.equal(after[:, k], before[:, k])]
     assert len(changed) == 4 and set(codes.unique().tolist()) <= {0, *changed}
     for k in changed:  # the decoder reads a new code as the code it was split from (all descend from code 0)
         torch.testing.assert_close(model.decoder.blocks.input.w[:, k], before[:, 0])
     restarts = CodeRestarts(x, every=3, until_step=7, max_per_check=2)
     assert [s for s in range(10) if restarts.due(s)] == [3, 6]
+
+
+def test_the_decoder_learns_at_a_multiple_of_the_rate(tmp_path):
+    trainer = make_trainer(tmp_path / "run", steps=2, lr=1e-3, lr_min=1e-3)
+    trainer.run()
+    encoder, decoder = trainer.opt.param_groups
+    assert encoder["lr"] == pytest.approx(1e-3) and decoder["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in decoder["params"]} == {id(p) for p in trainer.model.decoder.parameters()}

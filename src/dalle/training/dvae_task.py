@@ -29,7 +29,7 @@ from dalle.data.config import DataConfig
 from dalle.data.loader import make_loader
 from dalle.data.records import SkipStats
 from dalle.data.transforms import map_pixels, to_float, to_uint8
-from dalle.models.dvae import DVAE, PRESETS, DVAEConfig
+from dalle.models.dvae import DVAE, PRESETS, DVAEConfig, ResBlock
 from dalle.training.code_restarts import CodeRestarts
 from dalle.training.loop import Task, TrainConfig, with_defaults
 from dalle.training.losses import bits_per_dim, code_usage, dvae_terms, psnr
@@ -70,7 +70,10 @@ class DVAETrainConfig:
                              "is standardised over 256 training images (see the module doc)")
     data_init_std: float = option(1.0, "standard deviation of each code's logit after the data-dependent "
                                   "initialisation")
-    restart_every: int = option(25, "every this many updates, re-make codes that no image of a fixed training "
+    decoder_lr_scale: float = option(10.0, "the decoder learns at this multiple of --lr (at one rate for both, "
+                                     "the encoder collapsed the codebook before the decoder learned colours; see "
+                                     "bench/RESULTS.md, \"dVAE\")")
+    restart_every: int = option(0, "every this many updates, re-make codes that no image of a fixed training "
                                 "sample uses by splitting busy ones (against codebook collapse at small scale; "
                                 "not in the paper; 0 = off)")
     restart_fraction: float = option(0.5, "restart dead codes only in this first fraction of the run")
@@ -90,6 +93,7 @@ class DVAETrainConfig:
         check(self.beta >= 0, self, "beta", "must be >= 0")
         check(self.beta_steps is None or self.beta_steps >= 0, self, "beta_steps", "must be >= 0")
         check(0.0 <= self.beta_fraction <= 1.0, self, "beta_fraction", "must be in [0, 1]")
+        check(self.decoder_lr_scale > 0, self, "decoder_lr_scale", "must be positive")
         check(self.restart_every >= 0, self, "restart_every", "must be >= 0")
         check(0.0 <= self.restart_fraction <= 1.0, self, "restart_fraction", "must be in [0, 1]")
         check(self.restart_max >= 1, self, "restart_max", "must be at least 1")
@@ -132,6 +136,17 @@ class DVAETask(Task):
                 until = schedule_steps(None, d.restart_fraction, self.cfg.steps)
                 self.restarts = CodeRestarts(x, d.restart_every, until, d.restart_max, self.cfg.seed)
         return model
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        # Adam (paper A.2), with the decoder at decoder_lr_scale × the rate. At one rate the decoder, whose gradient
+        # is dominated by sharpening an easy background, learned colours slower than the encoder saturated its codes.
+        model = getattr(model, "module", model)  # under DistributedDataParallel
+        cfg = self.cfg
+        groups = [{"params": list(model.encoder.parameters())},
+                  {"params": list(model.decoder.parameters()), "lr_scale": self.dvae.decoder_lr_scale}]
+        cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
+        kwargs = {"weight_decay": cfg.weight_decay} if cfg.weight_decay > 0 else {}
+        return cls(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kwargs)
 
     # --- schedules (paper section 2.1) -------------------------------------------------------------------------
 
@@ -217,6 +232,10 @@ class DVAETask(Task):
         path = out_dir / f"step-{step:08d}.png"
         save_comparison_grid(to_uint8(x01), to_uint8(recon), path)
         return path
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The residual blocks: units of sharding, activation checkpointing and per-block gradient scaling."""
+        return [m for m in model.modules() if isinstance(m, ResBlock)]
 
     def export(self, model: nn.Module, path: Path) -> None:
         model.save_pretrained(path)
