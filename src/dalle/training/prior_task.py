@@ -10,8 +10,8 @@ the rate on plateaus over 430k updates; a short run decays it by a cosine instea
 
 Evaluation (EMA weights) on the first ``eval_examples`` records of the validation cache, without BPE dropout: text,
 image and total loss. Samples: with a dVAE, images for a few fixed validation captions drawn by :func:`sample_codes`
-(plain, uncached autoregressive sampling: one full forward pass per image token; slow, but simple and exact) and
-decoded by the dVAE, as a PNG grid with the captions in a sidecar ``.txt``.
+(the KV-cached sampler of :mod:`dalle.models.sampling`, re-exported here) and decoded by the dVAE, as a PNG grid with
+the captions in a sidecar ``.txt``.
 
 BPE dropout draws from the ``tokenizers`` library's own random generator, which cannot be seeded: a run with BPE
 dropout on is not bit-for-bit reproducible (or exactly resumable); with ``--bpe-dropout 0`` it is.
@@ -36,6 +36,7 @@ from dalle.data.token_cache import TokenCache, cache_batches
 from dalle.data.transforms import to_uint8
 from dalle.errors import UserError
 from dalle.models.attention import IMPLS
+from dalle.models.sampling import sample_codes
 from dalle.models.transformer import KIND, PRESETS, TEXT_LOSS_WEIGHT, PriorConfig, PriorTransformer
 from dalle.tokenizers.text import CONFIG_FILE, TOKENIZER_FILE, TextTokenizer
 from dalle.training.loop import Task, TrainConfig, with_defaults
@@ -120,28 +121,7 @@ def open_cache(path: Path, what: str) -> TokenCache:
     return TokenCache(path)
 
 
-# --- sampling ------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_codes(model: PriorTransformer, text_ids: torch.Tensor, pad_mask: torch.Tensor, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Image codes ``(B, grid_size, grid_size)`` drawn token by token given captions ``(B, text_len)``.
-
-    Uncached: each of the grid_size² steps runs the whole prefix through the model again (O(N²) work); a reference
-    for cached samplers and fine for a few tiny grids.
-    """
-    cfg = model.config
-    codes = torch.zeros(text_ids.shape[0], 0, dtype=torch.long, device=text_ids.device)  # (B, 0)
-    for i in range(cfg.image_len):
-        h = model.hidden_states(text_ids, pad_mask, codes)  # (B, text_len + i + 1, dim)
-        logits = model.image_head(h[:, cfg.text_len + i]).float() / temperature  # (B, codebook_size)
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        probs = logits.softmax(-1)  # (B, codebook_size)
-        codes = torch.cat([codes, torch.multinomial(probs, 1, generator=generator)], dim=1)  # (B, i + 1)
-    return codes.view(-1, cfg.grid_size, cfg.grid_size)
+# --- sample grids ---------------------------------------------------------------------------------------------------
 
 
 def save_sample_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8, pad: int = 2) -> None:
@@ -166,6 +146,7 @@ def save_sample_grid(images: np.ndarray, captions: list[str], path: Path, column
 
 class PriorTask(Task):
     progress_keys = ("text_loss", "image_loss")
+    meta_init = True  # PriorTransformer builds on the meta device and initialises itself with init_weights()
 
     def __init__(self, prior: PriorTrainConfig, model: PriorConfig | None = None):
         self.prior = prior
@@ -261,8 +242,8 @@ class PriorTask(Task):
         captions = self._sample_captions()
         ids, pad_mask = self.tokenizer.encode_batch(captions)  # (B, text_len), no dropout
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed)  # the same draws at every evaluation
-        codes = sample_codes(model, ids.to(self.device), pad_mask.to(self.device), self.prior.temperature,
-                             self.prior.top_k, gen)  # (B, g, g)
+        codes = sample_codes(model, ids.to(self.device), pad_mask.to(self.device), temperature=self.prior.temperature,
+                             top_k=self.prior.top_k, generator=gen)  # (B, g, g)
         images = self._decoder().decode(codes)  # (B, 3, H, W) in [0, 1]
         path = out_dir / f"step-{step:08d}.png"
         save_sample_grid(to_uint8(images), captions, path)
