@@ -1,45 +1,84 @@
+import contextlib
+import io
 import json
+import shutil
+
+import pytest
 
 from dalle.cli import main
 
 TINY = ["--dvae-steps", "2", "--dvae-batch-size", "4", "--size", "16", "--vocab-size", "300", "--reranker-steps", "2",
         "--reranker-batch-size", "4", "--prior-steps", "2", "--prior-batch-size", "4",
-        "--resolution", "32", "--dvae-preset", "tiny-32"]
+        "--resolution", "32", "--dvae-preset", "tiny-32",
+        "--eval-captions", "2", "--eval-candidates", "2", "--eval-real-images", "4", "--eval-features", "reranker"]
 
 
-def test_pipeline_runs_stages_then_skips_them(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One complete tiny pipeline run (every test below copies it before changing it) and what it printed."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["pipeline", "--out", str(out), *TINY]) == 0
+    return out, printed.getvalue()
+
+
+def copy_of(finished, tmp_path):
     out = tmp_path / "run"
-    argv = ["pipeline", "--out", str(out), *TINY]
-    assert main(argv) == 0
-    first = capsys.readouterr().out
-    assert "[1/5] text tokenizer: running" in first and "[5/5] reranker: finished" in first
+    shutil.copytree(finished[0], out)
+    return out
+
+
+def test_pipeline_runs_every_stage_and_ends_with_the_report(finished):
+    out, first = finished
+    assert "[1/6] text tokenizer: running" in first and "[5/6] reranker: finished" in first
+    assert "[6/6] generation + evaluation report: finished" in first
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "dvae" / "model" / "config.json").is_file()
     assert (out / "reranker" / "model" / "config.json").is_file()
     assert (out / "prior" / "model" / "model.safetensors").is_file()
     for split in ("train", "val", "heldout"):
         assert json.loads((out / "cache" / split / "meta.json").read_text())["complete"]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["counts"]["candidates"] == 2 and metrics["counts"]["captions"]["heldout"] == 2
+    # The end of the output says where the report is and gives the headline numbers.
+    tail = first.split("All stages are done")[1]
+    assert f"report: {out / 'eval' / 'report.html'}" in tail
+    assert "Fréchet distance (our reranker's image encoder features)" in tail and "compositional accuracy" in tail
+    assert "FID" not in first
 
-    assert main(argv) == 0
-    second = capsys.readouterr().out
-    assert second.count("done already, skipping") == 5
-    assert "Not built yet" in second
+
+def test_pipeline_skips_finished_stages_and_still_prints_the_summary(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert main(["pipeline", "--out", str(out), *TINY]) == 0
+    again = capsys.readouterr().out
+    assert again.count("done already, skipping") == 6 and "running" not in again
+    assert f"report: {out / 'eval' / 'report.html'}" in again and "Fréchet distance" in again
 
 
-def test_pipeline_resumes_an_interrupted_cache(tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["pipeline", "--out", str(out), *TINY, "--dataset", "shapes"]
-    assert main(argv) == 0
+def test_pipeline_resumes_an_interrupted_cache(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
     meta = out / "cache" / "val" / "meta.json"
     unfinished = json.loads(meta.read_text()) | {"complete": False}
     meta.write_text(json.dumps(unfinished))  # as if the val encode had been killed before finishing
-    capsys.readouterr()
-    assert main(argv) == 0
+    assert main(["pipeline", "--out", str(out), *TINY]) == 0
     again = capsys.readouterr().out
-    assert "[1/5] text tokenizer: done already" in again and "[2/5] dVAE: done already" in again
-    assert "[3/5] token cache: running" in again and json.loads(meta.read_text())["complete"]
+    assert "[1/6] text tokenizer: done already" in again and "[2/6] dVAE: done already" in again
+    assert "[3/6] token cache: running" in again and json.loads(meta.read_text())["complete"]
+
+
+def test_pipeline_redoes_an_interrupted_evaluation_only(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    (out / "eval" / "metrics.json").unlink()  # killed while writing the report: metrics.json comes last
+    assert main(["pipeline", "--out", str(out), *TINY]) == 0
+    again = capsys.readouterr().out
+    assert again.count("done already, skipping") == 5
+    assert "[6/6] generation + evaluation report: running" in again and "$ dalle eval --run" in again
+    assert (out / "eval" / "metrics.json").is_file() and (out / "eval" / "report.html").is_file()
 
 
 def test_pipeline_bad_option_is_a_clean_error(tmp_path, capsys):
     assert main(["pipeline", "--out", str(tmp_path), "--dvae-steps", "0"]) == 2
     assert "dvae_steps" in capsys.readouterr().err
+    assert main(["pipeline", "--out", str(tmp_path), "--eval-features", "inception"]) == 2
+    assert "inception_weights" in capsys.readouterr().err

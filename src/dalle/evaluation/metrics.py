@@ -17,7 +17,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -268,3 +270,25 @@ def codebook_usage(counts: torch.Tensor) -> CodebookUsage:
     entropy = -torch.xlogy(p, p).sum()
     return CodebookUsage(codebook_size=counts.numel(), used=int((counts > 0).sum()),
                          perplexity=math.exp(float(entropy)))
+
+
+@torch.no_grad()
+def reconstruction_metrics(dvae: torch.nn.Module, images: np.ndarray | torch.Tensor,
+                           batch_size: int = 64) -> tuple[dict[str, Any], np.ndarray]:
+    """A dVAE's mean reconstruction PSNR and codebook usage on ``(B, H, W, 3)`` uint8 images (encode to argmax codes,
+    decode), and the reconstructions ``(B, H, W, 3)`` uint8."""
+    from dalle.data.transforms import to_float, to_uint8
+
+    device = next(dvae.parameters()).device
+    scores, recons = [], []
+    counts = torch.zeros(dvae.config.codebook_size, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size]).to(device)  # (B, 3, H, W)
+        codes = dvae.encode(x)  # (B, g, g)
+        recon = dvae.decode(codes)  # (B, 3, H, W)
+        scores.append(psnr(x, recon).clamp(max=100.0).cpu())  # an exact reconstruction would be +inf dB
+        recons.append(to_uint8(recon))
+        counts += code_histogram(codes, dvae.config.codebook_size)
+    usage = codebook_usage(counts)
+    return ({"images": len(images), "psnr_db": float(torch.cat(scores).mean()), "codes_used": usage.used,
+             "codebook_size": usage.codebook_size, "perplexity": usage.perplexity}, np.concatenate(recons))

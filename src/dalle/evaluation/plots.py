@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +41,45 @@ def plot_curves(path: str | Path, series: Mapping[str, Sequence[tuple[float, flo
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, plt, path)
+
+
+@dataclasses.dataclass
+class Panel:
+    """One small plot of :func:`plot_panels`: its title (the metric's full name), named series of ``(x, y)``
+    points, and optionally fixed y limits (e.g. ``(0, 1)`` for an accuracy)."""
+
+    title: str
+    series: Mapping[str, Sequence[tuple[float, float]]]
+    ylim: tuple[float, float] | None = None
+
+
+def plot_panels(path: str | Path, panels: Sequence[Panel], xlabel: str, log_x: bool = False) -> Path:
+    """Several metrics against one x-axis, side by side (e.g. Fréchet distance and Inception-style score against blur
+    radius). Empty panels are left out; with ``log_x`` the ticks are the x values themselves (1, 2, 4, …)."""
+    panels = [p for p in panels if any(p.series.values())]
+    if not panels:
+        raise UserError("nothing to plot: every panel is empty")
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=120, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, points in panel.series.items():
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({x for points in panel.series.values() for x, _ in points}))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if panel.ylim is not None:
+            ax.set_ylim(*panel.ylim)
+        ax.set_title(textwrap.fill(panel.title, 40), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+        if len(panel.series) > 1:
+            ax.legend(fontsize="small")
     return _save(fig, plt, path)
 
 
@@ -79,8 +120,8 @@ def plot_log(path: str | Path, log_csv: str | Path, metrics: Sequence[str] | Non
     fig, axes = plt.subplots(len(names), 1, figsize=(5, 2.2 * len(names)), dpi=120, sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         points = [(s, v) for s, v in zip(steps, columns[name]) if not math.isnan(v)]
-        if points:
-            ax.plot(*zip(*points), linewidth=1)
+        if points:  # markers while the points are few (a sparse validation log, a short run), else a plain line
+            ax.plot(*zip(*points), linewidth=1, marker="o" if len(points) < 30 else None, markersize=3)
         ax.set_ylabel(name)
         if log_y and all(v > 0 for _, v in points):
             ax.set_yscale("log")
