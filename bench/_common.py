@@ -130,5 +130,10 @@ def write_section(name: str, title: str, command: str, body: str, notes: list[st
 
 def command_line(script: str) -> str:
     """The command that reproduces this run, for the results header."""
-    args = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--json"):  # where the raw results went is not part of the measurement
+            skip = a == "--json"
+            continue
+        args.append(a)
     return " ".join(["PYTHONPATH= .venv/bin/python", script, *args])

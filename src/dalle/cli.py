@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from dalle import __version__
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a machine whose cores other programs share,
+# spinning threads slowed training steps and sampling 5-20x (bench/RESULTS.md); set the variable to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from dalle import __version__  # noqa: E402
 from dalle.errors import UserError
 
 # Module paths, in the order the groups appear in `dalle --help` (the paper's pipeline order).
@@ -21,8 +26,11 @@ COMMAND_MODULES = [
     "dalle.commands.tokenizer",
     "dalle.commands.vae",
     "dalle.commands.train",
+    "dalle.commands.plan",
     "dalle.commands.pipeline",
     "dalle.commands.reranker",
+    "dalle.commands.generate",
+    "dalle.commands.eval",
 ]
 
 
