@@ -24,10 +24,15 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000
 
+# Each benchmark rewrites its own section of bench/RESULTS.md; the peer (DALLE-pytorch) is compared where it is
+# installed in .peer/site (see bench/dvae_train.py). About an hour in all on 2 cores.
 bench: setup
 	$(PY) bench/data_loading.py --write
-	$(PY) bench/dvae_train.py
 	$(PY) bench/prior_attention.py
+	$(PY) bench/dvae_train.py --write
+	$(PY) bench/prior_train.py --write
+	$(PY) bench/generate.py --write
+	$(PY) bench/mfu.py --write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

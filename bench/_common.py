@@ -137,3 +137,28 @@ def command_line(script: str) -> str:
             continue
         args.append(a)
     return " ".join(["PYTHONPATH= .venv/bin/python", script, *args])
+
+
+def bench_main(doc: str, child: Callable[[str], None], measure: Callable[[int], dict], table: Callable[[dict], str],
+               section: str, title: str, script: str, notes: list[str]) -> None:
+    """The command line every side-by-side benchmark shares: ``--repeats``, ``--write`` (record ``table`` in the
+    ``section`` of bench/RESULTS.md), ``--json PATH`` (the raw results) and the hidden ``--child NAME`` that runs one
+    measurement in a fresh process."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per measurement (default 3)")
+    parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    results = measure(args.repeats)
+    text = table(results)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.write:
+        write_section(section, title, command_line(script), text, notes)

@@ -31,13 +31,10 @@ The peer is installed offline beside the repo (see /work/shared/anchors/README.m
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -45,14 +42,13 @@ from _common import (
     PEAK_GFLOPS,
     THREADS,
     anchor_result,
-    command_line,
+    bench_main,
     emit,
     matmul_peak,
     peer_env,
     peer_installed,
     run_child,
     time_calls,
-    write_section,
 )
 
 WARMUP, TIMED = 3, 20
@@ -178,10 +174,13 @@ def measure(repeats: int) -> dict:
         best["encode_images_per_s"] = max(r["encode_images_per_s"] for r in runs)
         best["train_ms_per_step_all"] = [round(r["train_ms_per_step"], 1) for r in runs]
         results[name] = best
+    anchor_run = anchor_result("vae_train", env)  # the anchor script's own figure, run in this job
+    results["anchor"] = anchor_run["images_per_s_median_step"] if anchor_run else None
     return results
 
 
-def table(results: dict, anchor: float | None) -> str:
+def table(results: dict) -> str:
+    anchor = results.get("anchor")
     peak = results["matmul"]["gflops"]
     peer = results.get("peer DiscreteVAE b16")
     lines = ["| configuration | params | train GFLOP/image | train images/s | ms/step | GFLOP/s | % of 130 | "
@@ -205,27 +204,10 @@ def table(results: dict, anchor: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=3, help="processes per measurement (default 3)")
-    parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
-    args = parser.parse_args()
-    if args.child:
-        child(args.child)
-        return
-    results = measure(args.repeats)
-    anchor_run = anchor_result("vae_train", peer_env())
-    anchor = anchor_run["images_per_s_median_step"] if anchor_run else None
-    text = table(results, anchor)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    if args.write:
-        write_section("dvae_train", "dVAE training and encoding (`bench/dvae_train.py`)",
-                      command_line("bench/dvae_train.py"), text,
-                      [f"{THREADS} torch threads; {WARMUP} warm-up + {TIMED} timed steps per process, best of the "
-                       "repeats by median step; 64 px, 512 codes, 8×8 grid; data loading excluded"])
+    bench_main(__doc__, child, measure, table, "dvae_train", "dVAE training and encoding (`bench/dvae_train.py`)",
+               "bench/dvae_train.py", [f"{THREADS} torch threads; {WARMUP} warm-up + {TIMED} timed steps per "
+                                       "process, best of the repeats by median step; 64 px, 512 codes, 8×8 grid; "
+                                       "data loading excluded"])
 
 
 if __name__ == "__main__":

@@ -30,17 +30,14 @@ import os
 # processes share the cores. Passive waiting must be chosen before torch loads the OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import ANCHOR, THREADS, command_line, emit, peer_env, peer_installed, run_child, write_section  # noqa: E402
+from _common import ANCHOR, THREADS, bench_main, emit, peer_env, peer_installed, run_child  # noqa: E402
 
 BATCH, TEXT_LEN, TEXT_VOCAB = 8, 32, 1000
 WARMUP, TIMED = 1, 3  # the anchor script's GEN_WARMUP and GEN_REPEATS
@@ -193,27 +190,12 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=3, help="processes per configuration (default 3)")
-    parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
-    args = parser.parse_args()
-    if args.child:
-        child(args.child)
-        return
-    results = measure(args.repeats)
-    text = table(results)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    if args.write:
-        write_section("generate", "Generation (`bench/generate.py`)", command_line("bench/generate.py"), text,
-                      [f"{THREADS} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; batch 8, 32 text "
-                       "+ 8×8 image tokens, dim 256, 4 layers; per process 1 warm-up + 3 timed batches, median; best "
-                       "of the processes; times include decoding the codes (ours: tiny-64 dVAE, the peer: its "
-                       "DiscreteVAE), 'sampling only' leaves it out",
-                       "ms per token step = batch time / 64 image positions (8 samples at a time)"])
+    bench_main(__doc__, child, measure, table, "generate", "Generation (`bench/generate.py`)", "bench/generate.py",
+               [f"{THREADS} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; batch 8, 32 text + 8×8 "
+                "image tokens, dim 256, 4 layers; per process 1 warm-up + 3 timed batches, median; best of the "
+                "processes; times include decoding the codes (ours: tiny-64 dVAE, the peer: its DiscreteVAE), "
+                "'sampling only' leaves it out", "ms per token step = batch time / 64 image positions (8 samples at a "
+                "time)"])
 
 
 if __name__ == "__main__":

@@ -23,27 +23,14 @@ length (128 text + 32×32 image tokens, same width and depth, batch 2): sparse a
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from _common import (
-    ANCHOR,
-    THREADS,
-    command_line,
-    emit,
-    peer_env,
-    peer_installed,
-    run_child,
-    time_calls,
-    write_section,
-)
+from _common import ANCHOR, THREADS, bench_main, emit, peer_env, peer_installed, run_child, time_calls
 
 WARMUP, TIMED = 3, 20
 BATCH = 16
@@ -183,24 +170,10 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=3, help="processes per measurement (default 3)")
-    parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
-    args = parser.parse_args()
-    if args.child:
-        child(args.child)
-        return
-    results = measure(args.repeats)
-    text = table(results)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    if args.write:
-        write_section("prior_train", "Prior training (`bench/prior_train.py`)", command_line("bench/prior_train.py"),
-                      text, [f"{THREADS} torch threads, OMP_WAIT_POLICY=PASSIVE; {WARMUP} warm-up + {TIMED} timed "
-                             "steps per process, best of the repeats by median step; token ids in, no dVAE"])
+    bench_main(__doc__, child, measure, table, "prior_train", "Prior training (`bench/prior_train.py`)",
+               "bench/prior_train.py", [f"{THREADS} torch threads, OMP_WAIT_POLICY=PASSIVE; {WARMUP} warm-up + "
+                                        f"{TIMED} timed steps per process, best of the repeats by median step; token "
+                                        "ids in, no dVAE"])
 
 
 if __name__ == "__main__":
