@@ -1,10 +1,23 @@
 import os
 
-import pytest
-import torch
+# Before torch loads OpenMP, as the `dalle` command does: spinning idle threads stall tests on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests must be deterministic and must not fight over the 2 cores of CI machines.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")  # module-wide, so that a module's expensive shared fixtures run with it too
+def one_thread():
+    """For modules of tiny tensors or thousands of tiny ops (sampling): one thread is faster than two, computes the
+    same numbers, and does not stall when other programs share the cores (10-100x slower with two, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

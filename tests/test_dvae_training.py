@@ -20,13 +20,7 @@ TINY = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codeboo
 TIMING = {"step_s", "elapsed_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: synchronising two threads costs more than it saves, and on a busy machine far more.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def make_trainer(out, task_cls=DVAETask, restart_every=2, **train):

@@ -25,13 +25,7 @@ from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
 TINY_DVAE = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=3, codebook_size=32, n_init=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As in test_sampling: one thread avoids OpenMP spin-waiting on busy machines and gives the same numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 @pytest.fixture(scope="module")

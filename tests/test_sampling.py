@@ -25,14 +25,7 @@ from dalle.models.transformer import PriorTransformer, preset
 SCHEDULES = [*KINDS, "paper"]  # "paper" on the test preset's 3 layers: row, column, conv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Sampling is thousands of tiny ops; on a busy 2-core machine, OpenMP's spinning workers made these tests
-    10-100x slower with 2 threads (measured), and one thread computes the same numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def model_and_text(schedule: str = "paper", batch: int = 3, **overrides):

@@ -16,13 +16,7 @@ TINY = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codeboo
 DATA = DataConfig(resolution=16, size=50, split="val")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: synchronising two threads costs more than it saves, and on a busy machine far more.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 @pytest.fixture(scope="module")
