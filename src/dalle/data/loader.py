@@ -203,6 +203,18 @@ class Loader:
                             + "; ".join(line.strip() for line in self.stats.summary().splitlines()))
 
 
+def training_epoch(cfg: DataConfig, batch_size: int, workers: int, epoch: int, stats: SkipStats,
+                   pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+    """Epoch ``epoch`` of shuffled training batches (the incomplete last one dropped); what the epoch skipped is
+    added to ``stats`` when it ends or is abandoned."""
+    loader = make_loader(cfg, batch_size, workers, shuffle=True, drop_last=True, start_epoch=epoch,
+                         pin_memory=pin_memory)
+    try:
+        yield from loader
+    finally:
+        stats.merge(loader.stats)
+
+
 def make_loader(cfg: DataConfig, batch_size: int, workers: int = 0, shuffle: bool = False, repeat: bool = False,
                 drop_last: bool = False, shuffle_buffer: int = 1000, start_epoch: int = 0, pin_memory: bool = False,
                 source: Source | None = None) -> Loader:

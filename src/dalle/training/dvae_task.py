@@ -26,7 +26,7 @@ from torch import nn
 
 from dalle.config import check, option, to_dict
 from dalle.data.config import DataConfig
-from dalle.data.loader import make_loader
+from dalle.data.loader import make_loader, training_epoch
 from dalle.data.records import SkipStats
 from dalle.data.transforms import map_pixels, to_float, to_uint8
 from dalle.models.dvae import DVAE, PRESETS, DVAEConfig, ResBlock
@@ -137,16 +137,11 @@ class DVAETask(Task):
                 self.restarts = CodeRestarts(x, d.restart_every, until, d.restart_max, self.cfg.seed)
         return model
 
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        # Adam (paper A.2), with the decoder at decoder_lr_scale × the rate. At one rate the decoder, whose gradient
-        # is dominated by sharpening an easy background, learned colours slower than the encoder saturated its codes.
-        model = getattr(model, "module", model)  # under DistributedDataParallel
-        cfg = self.cfg
-        groups = [{"params": list(model.encoder.parameters())},
-                  {"params": list(model.decoder.parameters()), "lr_scale": self.dvae.decoder_lr_scale}]
-        cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-        kwargs = {"weight_decay": cfg.weight_decay} if cfg.weight_decay > 0 else {}
-        return cls(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kwargs)
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        # The decoder at decoder_lr_scale × the rate. At one rate the decoder, whose gradient is dominated by
+        # sharpening an easy background, learned colours slower than the encoder saturated its codes.
+        return [{"params": list(model.encoder.parameters())},
+                {"params": list(model.decoder.parameters()), "lr_scale": self.dvae.decoder_lr_scale}]
 
     # --- schedules (paper section 2.1) -------------------------------------------------------------------------
 
@@ -161,12 +156,8 @@ class DVAETask(Task):
     # --- training ----------------------------------------------------------------------------------------------
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        loader = make_loader(self.data, self.cfg.batch_size, self.cfg.workers, shuffle=True, repeat=False,
-                             drop_last=True, start_epoch=epoch, pin_memory=self.device.type == "cuda")
-        try:
-            yield from loader
-        finally:
-            self.stats.merge(loader.stats)
+        return training_epoch(self.data, self.cfg.batch_size, self.cfg.workers, epoch, self.stats,
+                              pin_memory=self.device.type == "cuda")
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         return to_float(images.to(self.device, non_blocking=True))  # (B, 3, H, W) in [0, 1]

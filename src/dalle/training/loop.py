@@ -240,11 +240,17 @@ class Task(abc.ABC):
         blocks = getattr(model, "blocks", None)
         return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (default: one). A group may set its own ``weight_decay`` and an
+        ``lr_scale``: its learning rate as a multiple of the schedule's."""
+        return [{"params": list(model.parameters())}]
+
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        # AdamW with --weight-decay (0 by default: then exactly Adam) over the task's parameter groups.
         cfg = self.cfg
-        cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-        kwargs = {"weight_decay": cfg.weight_decay} if cfg.weight_decay > 0 else {}
-        return cls(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kwargs)
+        groups = self.param_groups(getattr(model, "module", model))  # the model itself under DistributedDataParallel
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
 
     def data_summary(self) -> str:
         """What the data pipeline used and skipped, printed at the end of the run."""

@@ -176,12 +176,10 @@ class PriorTask(Task):
                 block.compile()
         return model
 
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         # Appendix B.2: weight decay on the weight matrices only, never on gains, biases or embeddings.
         decay, no_decay = model.weight_decay_groups()
-        cfg = self.cfg
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # --- training ----------------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from dalle.config import check, option, to_dict
 from dalle.data.config import DataConfig
-from dalle.data.loader import make_loader
+from dalle.data.loader import make_loader, training_epoch
 from dalle.data.records import SkipStats
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
@@ -196,23 +196,17 @@ class RerankerTask(Task):
         # channels_last: the batches arrive as (B, H, W, 3) permuted, and oneDNN convolutions are faster in NHWC.
         return ContrastiveModel(self.model_cfg).to(memory_format=torch.channels_last)
 
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         # As CLIP: no weight decay on gains, biases, embeddings and the temperature; only on conv / linear weights.
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             is_matrix = p.ndim >= 2 and "embedding" not in name
             (decay if is_matrix else no_decay).append(p)
-        cfg = self.cfg
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        loader = make_loader(self.data, self.cfg.batch_size, self.cfg.workers, shuffle=True, repeat=False,
-                             drop_last=True, start_epoch=epoch, pin_memory=self.device.type == "cuda")
-        try:
-            yield from loader
-        finally:
-            self.stats.merge(loader.stats)
+        return training_epoch(self.data, self.cfg.batch_size, self.cfg.workers, epoch, self.stats,
+                              pin_memory=self.device.type == "cuda")
 
     def _reranker(self, model: nn.Module) -> Reranker:
         return Reranker(model, self.tokenizer)
