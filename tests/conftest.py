@@ -23,3 +23,17 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The GPU runs of the tests that take ``device``. CI has no GPU: there they run on the CPU only.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each test that takes this runs on the CPU and, on a machine with one, on the GPU too (TF32 off, so that
+    comparisons with a full-precision reference keep their tolerances)."""
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(request.param)

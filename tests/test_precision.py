@@ -180,22 +180,22 @@ class RandomPriorTask(Task):
         model.save_pretrained(path)
 
 
-def _run(tmp_path, name, steps=4, **kw):
+def _run(tmp_path, name, steps=4, device="cpu", **kw):
     cfg = TrainConfig(out=tmp_path / name, steps=steps, batch_size=4, lr=1e-3, log_every=1, eval_every=100,
-                      checkpoint_every=2, progress=False, tensorboard=False, device="cpu", **kw)
+                      checkpoint_every=2, progress=False, tensorboard=False, device=str(device), **kw)
     Trainer(RandomPriorTask(), cfg).run()
     with open(tmp_path / name / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_trainer_fp16_with_block_scales_and_activation_checkpointing(tmp_path):
-    fp32 = _run(tmp_path, "fp32")
-    checkpointed = _run(tmp_path, "checkpointed", activation_checkpointing=True)
-    fp16 = _run(tmp_path, "fp16", amp="fp16", activation_checkpointing=True)
+def test_trainer_fp16_with_block_scales_and_activation_checkpointing(tmp_path, device):
+    fp32 = _run(tmp_path, "fp32", device=device)
+    checkpointed = _run(tmp_path, "checkpointed", device=device, activation_checkpointing=True)
+    fp16 = _run(tmp_path, "fp16", device=device, amp="fp16", activation_checkpointing=True)
     # Recomputing activations changes nothing; fp16 stays close and reports its scales.
     assert [float(r["loss"]) for r in checkpointed] == pytest.approx([float(r["loss"]) for r in fp32], rel=1e-6)
     assert [float(r["loss"]) for r in fp16] == pytest.approx([float(r["loss"]) for r in fp32], rel=1e-2)
     assert float(fp16[-1]["log2_loss_scale"]) == 16.0 and float(fp16[-1]["log2_block_scale_min"]) == 16.0
     # The scales are in the checkpoint: a resumed fp16 run continues with them.
-    resumed = _run(tmp_path, "fp16", amp="fp16", resume=True, steps=6)
+    resumed = _run(tmp_path, "fp16", device=device, amp="fp16", resume=True, steps=6)
     assert len(resumed) == 6 and math.isfinite(float(resumed[-1]["loss"]))

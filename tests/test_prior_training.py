@@ -115,12 +115,13 @@ def test_sampler_gives_codes_and_respects_top_k(files):
     assert torch.equal(logits.argmax(-1), codes.flatten(1))
 
 
-def test_cli_end_to_end(files, tmp_path, capsys):
+def test_cli_end_to_end(files, tmp_path, capsys, device):
     out = tmp_path / "run"
+    amp = ["--amp", "bf16"] if device.type == "cuda" else []
     rc = main(["train", "--cache", str(files / "train"), "--val-cache", str(files / "val"), "--tokenizer",
                str(files / "tokenizer"), "--dvae", str(files / "dvae"), "--out", str(out), "--steps", "4",
                "--batch-size", "8", "--eval-every", "4", "--log-every", "2", "--sample-captions", "2",
-               "--top-k", "20", "--no-progress", "--no-tensorboard", "--device", "cpu", *SMALL_ARGS])
+               "--top-k", "20", "--no-progress", "--no-tensorboard", "--device", str(device), *amp, *SMALL_ARGS])
     assert rc == 0
     assert "image loss" in capsys.readouterr().out
     config = json.loads((out / "model" / "config.json").read_text())

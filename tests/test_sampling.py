@@ -28,14 +28,14 @@ SCHEDULES = [*KINDS, "paper"]  # "paper" on the test preset's 3 layers: row, col
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
-def model_and_text(schedule: str = "paper", batch: int = 3, **overrides):
+def model_and_text(schedule: str = "paper", batch: int = 3, device: torch.device | str = "cpu", **overrides):
     torch.manual_seed(0)
     model = PriorTransformer(preset("test", attn_schedule=schedule, **overrides)).eval()
     cfg = model.config
     ids = torch.randint(0, cfg.text_vocab_size, (batch, cfg.text_len))
     lengths = torch.tensor([2, cfg.text_len, 5, 1][:batch])
     pad_mask = torch.arange(cfg.text_len)[None, :] >= lengths[:, None]  # (B, T), different paddings
-    return model, ids, pad_mask
+    return model.to(device), ids.to(device), pad_mask.to(device)
 
 
 # Both ways of running a step's matmuls: oneDNN with pre-packed weights (CPU default) and plain F.linear.
@@ -45,10 +45,12 @@ PACKED = [False] + ([True] if packed_linears_available(torch.device("cpu"), torc
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("prompt_len", [0, 6])
 @pytest.mark.parametrize("packed", PACKED)
-def test_cached_logits_equal_full_forward_at_every_step(schedule, prompt_len, packed):
-    model, ids, pad_mask = model_and_text(schedule)
+def test_cached_logits_equal_full_forward_at_every_step(schedule, prompt_len, packed, device):
+    if packed and device.type != "cpu":
+        pytest.skip("packed oneDNN linears are a CPU path")
+    model, ids, pad_mask = model_and_text(schedule, device=device)
     cfg = model.config
-    codes = torch.randint(0, cfg.codebook_size, (3, cfg.grid_size, cfg.grid_size))
+    codes = torch.randint(0, cfg.codebook_size, (3, cfg.grid_size, cfg.grid_size), device=device)
     with torch.no_grad():
         full = model(ids, pad_mask, codes).image  # (B, N, K) teacher-forced
     flat = codes.flatten(1)
@@ -140,21 +142,21 @@ def test_sampled_codes_stay_in_the_top_k_of_their_logits():
         assert torch.equal(model(ids, pad_mask, greedy).image.argmax(-1), greedy.flatten(1))
 
 
-def test_seed_determinism_and_per_row_generators():
-    model, ids, pad_mask = model_and_text()
+def test_seed_determinism_and_per_row_generators(device):
+    model, ids, pad_mask = model_and_text(device=device)
     a, b = sample_codes(model, ids, pad_mask, seed=7), sample_codes(model, ids, pad_mask, seed=7)
     assert torch.equal(a, b)
     assert not torch.equal(a, sample_codes(model, ids, pad_mask, seed=8))
-    gens = [torch.Generator().manual_seed(s) for s in (11, 12, 13)]
+    gens = [torch.Generator(device).manual_seed(s) for s in (11, 12, 13)]
     batched = sample_codes(model, ids, pad_mask, generator=gens)
-    alone = sample_codes(model, ids[1:2], pad_mask[1:2], generator=[torch.Generator().manual_seed(12)])
+    alone = sample_codes(model, ids[1:2], pad_mask[1:2], generator=[torch.Generator(device).manual_seed(12)])
     assert torch.equal(batched[1:2], alone)  # a row's draws do not depend on its batch-mates
 
 
 @pytest.mark.parametrize("schedule", ["dense", "paper"])
-def test_cached_and_uncached_samplers_agree(schedule):
-    model, ids, pad_mask = model_and_text(schedule)
-    prompt = torch.randint(0, model.config.codebook_size, (3, 5))
+def test_cached_and_uncached_samplers_agree(schedule, device):
+    model, ids, pad_mask = model_and_text(schedule, device=device)
+    prompt = torch.randint(0, model.config.codebook_size, (3, 5), device=device)
     cached = sample_codes(model, ids, pad_mask, SampleConfig(temperature=0.9, top_k=20, seed=3), prompt=prompt)
     reference = sample_codes_uncached(model, ids, pad_mask, SampleConfig(temperature=0.9, top_k=20, seed=3),
                                       prompt=prompt)
