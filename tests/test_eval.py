@@ -16,7 +16,14 @@ from dalle.evaluation import report
 from dalle.evaluation import sample_metrics as sm
 from dalle.evaluation.features import as_images
 from dalle.evaluation.metrics import FeatureStats, frechet_distance_stats, psnr, reconstruction_metrics
-from dalle.evaluation.run_eval import EvalConfig, compositional, evaluate_run, prior_loss
+from dalle.evaluation.run_eval import (
+    EvalConfig,
+    compositional,
+    compositional_ceiling,
+    evaluate_run,
+    load_real,
+    prior_loss,
+)
 from dalle.evaluation.shapes_checker import ShapesChecker
 from dalle.models.dvae import DVAE
 from dalle.models.dvae import preset as dvae_preset
@@ -188,6 +195,9 @@ def test_eval_writes_metrics_plots_and_a_report_whose_links_resolve(tiny_run, ca
     assert set(comp) == {"heldout", "train"} and set(size["accuracy"]) == {"heldout", "train"}
     assert all(0 <= comp[s][k]["all"] <= comp[s][k]["color"] <= 1 for s in comp for k in ("reranked", "unreranked"))
     assert size["accuracy"]["heldout"][-1] == comp["heldout"]["reranked"]["all"]
+    ceiling = m["compositional"]["ceiling"]
+    assert ceiling["images"] == 6 and ceiling["real"]["all"] >= 5 / 6  # the checker reads real images
+    assert 0 <= ceiling["reconstructions"]["all"] <= 1 and "dVAE reconstructions (the ceiling" in printed
     assert m["unseen_captions"] == {"set": "heldout", "captions": 3, "in_training": 0}
     assert 1 <= m["dvae"]["codes_used"] <= m["dvae"]["codebook_size"] == 512 and m["dvae"]["images"] == 6
     assert m["prior"]["val"]["records"] == 8 and m["prior"]["heldout"]["records"] == 6
@@ -226,6 +236,20 @@ def test_eval_without_a_heldout_split_shows_validation_captions(tiny_run, tmp_pa
     assert m["counts"]["captions"] == {"val": 2, "train": 2} and set(m["prior"]) == {"val"}
     assert m["unseen_captions"]["set"] == "val" and set(m["compositional"]["sets"]) == {"train"}
     assert "has no held-out split" in (run / "eval" / "report.html").read_text(encoding="utf-8")
+
+
+def test_ceiling_is_the_checker_on_real_images_and_on_their_reconstructions():
+    real, captions = load_real(DataConfig(source="shapes", split="val", resolution=32, size=8), 8)
+    metrics = {"compositional": {"checker": "shapes", "sets": {}}}
+    compositional_ceiling(metrics, real, np.full_like(real, 255), captions)  # a dVAE that paints everything white
+    ceiling = metrics["compositional"]["ceiling"]
+    assert ceiling["images"] == 8 and ceiling["real"]["all"] >= 0.75 and ceiling["reconstructions"]["all"] == 0.0
+    metrics = {"compositional": {"checker": "shapes", "sets": {}}}
+    compositional_ceiling(metrics, real, real.copy(), captions)  # a lossless dVAE reaches the checker's own rate
+    assert metrics["compositional"]["ceiling"]["reconstructions"] == metrics["compositional"]["ceiling"]["real"]
+    metrics = {"compositional": {"checker": None, "reason": "no checker"}}
+    compositional_ceiling(metrics, real, real, captions)
+    assert "ceiling" not in metrics["compositional"]
 
 
 def test_compositional_accuracy_only_where_a_checker_exists():

@@ -21,7 +21,9 @@ def metrics(with_checker=True):
             "fd": {"reranked": 12.5, "unreranked": 17.25, "real_floor": 3.0},
             "is": {"reranked": 1.5, "unreranked": 1.25, "real": 2.0},
             "contrastive": {"reranked": 9.0, "unreranked": 7.0, "real": float("nan")}},
-        "compositional": {"checker": "shapes", "sets": sets} if with_checker else
+        "compositional": {"checker": "shapes", "sets": sets,
+                          "ceiling": {"images": 8, "real": {"color": 1.0, "all": 1.0},
+                                      "reconstructions": {"color": 0.625, "all": 0.125}}} if with_checker else
         {"checker": None, "reason": "Not measured: only the shapes dataset has a pixel checker."},
         "dvae": {"images": 8, "psnr_db": 21.5, "codes_used": 40, "codebook_size": 64, "perplexity": 30.0},
         "prior": {"val": {"records": 8, "loss": 4.0, "text_loss": 3.0, "image_loss": 4.1, "image_bits_per_token": 5.9}},
@@ -57,6 +59,7 @@ def test_report_embeds_every_image_and_its_links_resolve(tmp_path):
     assert sum(decode(u).shape[:2] == (8, 8) for u in uris) == 2
     assert "Fréchet distance (EfficientNet-Lite0 features)" in text and "FID" not in text
     assert "12.50" in text and "17.25" in text and "50.0%" in text and "25.0%" in text
+    assert "their dVAE reconstructions" in text and "62.5%" in text and "12.5%" in text  # the ceiling rows
     assert "—" in text  # the NaN contrastive score of real pairs
     assert "<script>" not in text and "&lt;script&gt;" in text and "&lt;b&gt;with markup" in text
     assert "shape ✗" in text and "shape ✓" in text and "relation" not in text.split("Samples for")[1].split("<h2>")[0]

@@ -179,6 +179,13 @@ def _compositional(m: Mapping[str, Any]) -> str:
             rows.append([html.escape(entry["title"]), kind, *(fmt(entry[kind].get(a), percent=True) for a in names)])
     note = ("Judged from the pixels by the shapes checker: the fraction of images that show what the caption states. "
             "Held-out captions name combinations never seen in training (combinatorial generalisation, paper §3.3).")
+    if ceiling := comp.get("ceiling"):
+        for kind, label in (("real", "real images"), ("reconstructions", "their dVAE reconstructions")):
+            rows.append([f"validation captions ({ceiling['images']})", label,
+                         *(fmt(ceiling[kind].get(a), percent=True) for a in names)])
+        note += (" The last two rows are the ceiling: the checker on real validation images, and on the same images "
+                 "encoded to codes and decoded. Samples are decoded from codes too, so no prior can beat the "
+                 "reconstructions' row with this dVAE.")
     return ("<h2>Compositional accuracy</h2><p>" + note + "</p>"
             + _table(["captions", "samples", *(ATTRIBUTE_NAMES[a] for a in names)], rows))
 
