@@ -37,3 +37,15 @@ def device(request):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return torch.device(request.param)
+
+
+def shapes_tokenizer(records: int = 300, vocab_size: int = 300, text_len: int = 16):
+    """A BPE tokenizer trained on the captions of the first ``records`` shapes training records."""
+    import itertools
+
+    from dalle.data.config import DataConfig
+    from dalle.data.registry import open_source
+    from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
+
+    captions = (r.caption for r in itertools.islice(open_source(DataConfig(size=records)).records(), records))
+    return TextTokenizer.train(captions, TextTokenizerConfig(vocab_size=vocab_size, text_len=text_len))

@@ -6,7 +6,6 @@ prior in both processes, and the tests compare the losses rank 0 logged with tho
 """
 
 import csv
-import itertools
 import os
 import socket
 import tarfile
@@ -20,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import shapes_tokenizer
 from dalle.data.config import DataConfig
 from dalle.data.loader import data_ranks, make_loader, whole_data
-from dalle.data.registry import open_source
 from dalle.data.token_cache import TokenCache, cache_batches, encode_dataset
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE, preset
 from dalle.models.transformer import PRESETS, PriorTransformer
-from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from dalle.training.distributed import Processes, powersgd_compression, powersgd_elements
 from dalle.training.loop import EpochStream, TrainConfig, Trainer
 from dalle.training.prior_task import PriorTask, PriorTrainConfig
@@ -42,9 +40,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    records = itertools.islice(open_source(DataConfig(size=300)).records(), 300)
-    TextTokenizer.train((r.caption for r in records), TextTokenizerConfig(vocab_size=300, text_len=12)).save(
-        root / "tokenizer")
+    shapes_tokenizer(text_len=12).save(root / "tokenizer")
     torch.manual_seed(0)
     DVAE(preset("tiny-32")).save_pretrained(root / "dvae")
     dvae = DVAE.from_pretrained(root / "dvae")

@@ -1,4 +1,3 @@
-import itertools
 import json
 import shutil
 
@@ -6,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shapes_tokenizer
 from dalle.cli import main
 from dalle.data.config import DataConfig
-from dalle.data.registry import open_source
 from dalle.data.token_cache import TokenCache, cache_batches, encode_dataset
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
@@ -31,7 +30,7 @@ from dalle.models.reranker import ContrastiveModel, RerankerConfig
 from dalle.models.reranker import Reranker as RerankerModel
 from dalle.models.transformer import PriorTransformer
 from dalle.models.transformer import preset as prior_preset
-from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from dalle.tokenizers.text import TextTokenizer
 from dalle.training.logging import CSVLog
 from dalle.training.reranker_task import load_pairs
 
@@ -147,8 +146,7 @@ def tiny_run(tmp_path_factory):
     """A run directory as `dalle pipeline` leaves it, with untrained models: tokenizer, a tiny-32 dVAE (8x8 codes),
     token caches of 12 train, 12 val and 6 held-out shapes records, a 'test'-sized prior, a small reranker and logs."""
     run = tmp_path_factory.mktemp("eval") / "run"
-    records = itertools.islice(open_source(DataConfig(size=300)).records(), 300)
-    tok = TextTokenizer.train((r.caption for r in records), TextTokenizerConfig(vocab_size=300, text_len=16))
+    tok = shapes_tokenizer(text_len=16)
     tok.save(run / "tokenizer")
     torch.manual_seed(0)
     DVAE(dvae_preset("tiny-32")).save_pretrained(run / "dvae" / "model")

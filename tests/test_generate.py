@@ -1,7 +1,6 @@
 """The text-to-image pipeline (Generator) and `dalle generate` / `dalle complete`: reranking, seeds and batching,
 completion keeping the prompt rows, the output files, and one-line errors for bad input."""
 
-import itertools
 import json
 import re
 
@@ -10,16 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import shapes_tokenizer
 from dalle.cli import main
-from dalle.data.config import DataConfig
-from dalle.data.registry import open_source
 from dalle.errors import UserError
 from dalle.generation import Generation, Generator
 from dalle.models.dvae import DVAE, DVAEConfig
 from dalle.models.reranker import ContrastiveModel, Reranker, RerankerConfig
 from dalle.models.sampling import SampleConfig
 from dalle.models.transformer import PriorTransformer, preset
-from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
 
 # 16 px images → a 4×4 grid of 32 codes: the "test" prior preset's grid and codebook.
 TINY_DVAE = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=3, codebook_size=32, n_init=8)
@@ -32,8 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 def run_dir(tmp_path_factory):
     """A `dalle pipeline`-shaped run with random tiny models: RUN/tokenizer, RUN/{dvae,prior,reranker}/model."""
     root = tmp_path_factory.mktemp("run")
-    records = itertools.islice(open_source(DataConfig(size=300)).records(), 300)
-    tok = TextTokenizer.train((r.caption for r in records), TextTokenizerConfig(vocab_size=300, text_len=8))
+    tok = shapes_tokenizer(text_len=8)
     tok.save(root / "tokenizer")
     torch.manual_seed(0)
     DVAE(TINY_DVAE).save_pretrained(root / "dvae" / "model")

@@ -1,5 +1,4 @@
 import csv
-import itertools
 import json
 
 import pytest
@@ -7,14 +6,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import shapes_tokenizer
 from dalle.cli import main
 from dalle.data.config import DataConfig
-from dalle.data.registry import open_source
 from dalle.data.token_cache import cache_batches, encode_dataset
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE, preset
 from dalle.models.transformer import PriorTransformer
-from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from dalle.tokenizers.text import TextTokenizer
 from dalle.training.loop import TrainConfig, Trainer
 from dalle.training.prior_task import PriorTask, PriorTrainConfig, sample_codes
 
@@ -27,8 +26,7 @@ SMALL_ARGS = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--head-dim", 
 def files(tmp_path_factory):
     """A tokenizer, a random tiny-32 dVAE and token caches of 48 train and 16 val shapes records."""
     root = tmp_path_factory.mktemp("prior")
-    records = itertools.islice(open_source(DataConfig(size=500)).records(), 500)
-    tok = TextTokenizer.train((r.caption for r in records), TextTokenizerConfig(vocab_size=300, text_len=16))
+    tok = shapes_tokenizer(records=500, text_len=16)
     tok.save(root / "tokenizer")
     torch.manual_seed(0)
     DVAE(preset("tiny-32")).save_pretrained(root / "dvae")

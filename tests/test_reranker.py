@@ -1,6 +1,5 @@
 """The contrastive reranker: encoders, padding, InfoNCE against its formula, files, training on shapes, CLI."""
 
-import itertools
 import json
 import math
 
@@ -9,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from conftest import shapes_tokenizer
 from dalle.cli import main
-from dalle.data.config import DataConfig
-from dalle.data.registry import open_source
 from dalle.errors import ConfigError, UserError
 from dalle.models.reranker import MAX_LOGIT_SCALE, ContrastiveModel, Reranker, RerankerConfig, describe_checkpoint
-from dalle.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from dalle.tokenizers.text import TextTokenizer
 from dalle.training.reranker_task import (
     caption_positives,
     chance_top_k,
@@ -30,8 +28,7 @@ CLI_MODEL = ["--image-width", "16", "--text-dim", "64", "--embed-dim", "64", "--
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    records = itertools.islice(open_source(DataConfig(size=2000)).records(), 2000)
-    tok = TextTokenizer.train((r.caption for r in records), TextTokenizerConfig(vocab_size=400, text_len=32))
+    tok = shapes_tokenizer(records=2000, vocab_size=400, text_len=32)
     return tok.save(tmp_path_factory.mktemp("tokenizer"))
 
 
