@@ -49,3 +49,36 @@ def shapes_tokenizer(records: int = 300, vocab_size: int = 300, text_len: int = 
 
     captions = (r.caption for r in itertools.islice(open_source(DataConfig(size=records)).records(), records))
     return TextTokenizer.train(captions, TextTokenizerConfig(vocab_size=vocab_size, text_len=text_len))
+
+
+# A CLIP BPE vocabulary of a few merges, in the format of bpe_simple_vocab_16e6.txt.gz (a version line, then merges).
+TINY_CLIP_MERGES = ("t h", "th e</w>", "r e", "re d</w>", "b l", "bl u", "blu e</w>", "s q", "sq u", "squ a", "squa r",
+                    "squar e</w>")
+
+
+def tiny_clip(path, resnet: bool = False, quick_gelu: bool = True):
+    """Writes ``path/clip.bin`` (an open_clip-style state dict of a random CLIP) and ``path/vocab.txt.gz``;
+    returns (checkpoint, vocab, model)."""
+    import gzip
+    import math
+
+    from dalle.models.clip import ClipConfig, ClipModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt.gz"
+    merges = TINY_CLIP_MERGES
+    with gzip.open(vocab, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # Head counts as the loader infers them from the widths (64-wide heads, at least one).
+    config = ClipConfig(embed_dim=16, image_resolution=64 if resnet else 32,
+                        vision_layers=(1, 1, 1, 1) if resnet else 2, vision_width=16 if resnet else 32,
+                        vision_patch_size=None if resnet else 8, vision_heads=8 if resnet else 1, context_length=16,
+                        vocab_size=512 + len(merges) + 2, text_width=32, text_heads=1, text_layers=1,
+                        activation="quick_gelu" if quick_gelu else "gelu")
+    model = ClipModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith(("ln_1.weight", "ln_2.weight")) else p.normal_(0, 0.1)
+        model.logit_scale.fill_(math.log(1 / 0.07))
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path / "clip.bin")
+    return path / "clip.bin", vocab, model

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shapes_tokenizer
+from conftest import shapes_tokenizer, tiny_clip
 from dalle.cli import main
 from dalle.data.config import DataConfig
 from dalle.data.token_cache import TokenCache, cache_batches, encode_dataset
@@ -302,3 +302,14 @@ def test_bad_eval_options_are_clean_errors(tmp_path, capsys):
     assert "EvalConfig.run" in capsys.readouterr().err
     with pytest.raises(UserError, match="captions"):
         EvalConfig(run=tmp_path, captions=1)
+
+
+def test_eval_with_a_clip_checkpoint_as_the_reranker(tiny_run, tmp_path):
+    ckpt, vocab, _ = tiny_clip(tmp_path / "clip")
+    out = tmp_path / "eval"
+    assert main(["eval", "--run", str(tiny_run), "--out", str(out), "--reranker", str(ckpt), "--clip-vocab",
+                 str(vocab), *FAST]) == 0
+    d = json.loads((out / "metrics.json").read_text())["distribution"]
+    # Both the reranking and the features of the Fréchet distance are the CLIP's.
+    assert d["cs_label"].startswith("contrastive score (CLIP clip.bin") and "CLIP clip.bin" in d["fd_label"]
+    assert d["contrastive"]["reranked"] >= d["contrastive"]["unreranked"]

@@ -9,14 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shapes_tokenizer
+from conftest import shapes_tokenizer, tiny_clip
 from dalle.cli import main
 from dalle.errors import UserError
 from dalle.generation import Generation, Generator
+from dalle.models.clip import ClipReranker
 from dalle.models.dvae import DVAE, DVAEConfig
 from dalle.models.reranker import ContrastiveModel, Reranker, RerankerConfig
 from dalle.models.sampling import SampleConfig
 from dalle.models.transformer import PriorTransformer, preset
+from dalle.tokenizers.clip_bpe import ClipTokenizer
 
 # 16 px images → a 4×4 grid of 32 codes: the "test" prior preset's grid and codebook.
 TINY_DVAE = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=3, codebook_size=32, n_init=8)
@@ -207,3 +209,19 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_cli_generate_reranks_with_a_clip_checkpoint(run_dir, tmp_path):
+    ckpt, vocab, model = tiny_clip(tmp_path / "clip")
+    out = tmp_path / "out"
+    rc = main(["generate", "the red square", "--run", str(run_dir), "--reranker", str(ckpt), "--clip-vocab",
+               str(vocab), "--clip-activation", "quick_gelu", "--n", "4", "--keep", "2", "--out", str(out),
+               "--device", "cpu"])
+    assert rc == 0
+    record = json.loads((out / "generations.json").read_text())
+    assert record["models"]["reranker"] == str(ckpt)
+    (gen,) = record["generations"]
+    # The scores are the CLIP's: recompute them from the written candidates' order.
+    scorer = ClipReranker(model, ClipTokenizer(vocab, model.config.context_length))
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(out / f)) for f in gen["files"]]))
+    assert np.allclose(scorer.score(images, ["the red square"] * 2).numpy(), gen["scores"], atol=1e-3)

@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from conftest import shapes_tokenizer
 from dalle.cli import main
 from dalle.errors import ConfigError, UserError
-from dalle.models.reranker import MAX_LOGIT_SCALE, ContrastiveModel, Reranker, RerankerConfig, describe_checkpoint
+from dalle.models.reranker import (
+    MAX_LOGIT_SCALE,
+    ContrastiveModel,
+    Reranker,
+    RerankerConfig,
+    describe_checkpoint,
+    load_reranker,
+)
 from dalle.tokenizers.text import TextTokenizer
 from dalle.training.reranker_task import (
     caption_positives,
@@ -151,8 +158,10 @@ def test_foreign_checkpoints_are_recognised_with_a_clear_error(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in clip.items()}}, tmp_path / "clip.pt")
     for path in (tmp_path / "clip.safetensors", tmp_path / "clip.pt"):
         assert "OpenAI CLIP / open_clip ViT" in describe_checkpoint(path)
-        with pytest.raises(UserError, match="recognised but not converted"):
+        with pytest.raises(UserError, match="not a reranker model directory.*load_reranker"):
             Reranker.from_pretrained(path)
+        with pytest.raises(UserError, match="not a CLIP state dict: no tensor"):  # recognised, but incomplete
+            load_reranker(path)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "clip"}))
     with pytest.raises(UserError, match="Hugging Face transformers CLIP"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -249,3 +250,88 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = resolve_dir(path)
     tensors = {p.stem: load_tensors(p, device) for p in sorted(path.glob("*.safetensors"))}
     return read_json(path / CONFIG), tensors, read_json(path / "state.json")
+
+
+# --- TorchScript archives (OpenAI's released CLIP files) -------------------------------------------------------------
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ScriptModule:
+    """Inert stand-in for a module object of a TorchScript archive: keeps its attributes, runs no code."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"unexpected TorchScript object state of type {type(state).__name__}")
+        self.attributes = state
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, value in getattr(self, "attributes", {}).items():
+            if isinstance(value, torch.Tensor):
+                out[prefix + name] = value
+            elif isinstance(value, _ScriptModule):
+                out.update(value.tensors(f"{prefix}{name}."))
+        return out
+
+
+def _rebuild_tensor(flat: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
+                    ) -> torch.Tensor:
+    return flat.as_strided(size, stride, offset).clone()
+
+
+class _ScriptUnpickler(pickle.Unpickler):
+    """Reads ``data.pkl`` of a TorchScript archive allowing only tensors, dicts and module stand-ins."""
+
+    def __init__(self, archive: Any, prefix: str, data: bytes):
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptModule
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"unsupported global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        dtype, key = pid[1], str(pid[2])
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive's module tree under their dotted names, without ``torch.jit.load``.
+
+    The archive's code is never run and its pickle may name only tensors, storages, ordered dicts and TorchScript
+    module objects (kept as inert stand-ins); anything else raises :class:`UserError`.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise UserError(f"{path} is not a TorchScript archive (no single top-level data.pkl)")
+            prefix = pickles[0][: -len("data.pkl")]
+            root = _ScriptUnpickler(archive, prefix, archive.read(pickles[0])).load()
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, RuntimeError) as e:
+        raise UserError(f"refusing to read {path} as a TorchScript archive: {e}") from None
+    if not isinstance(root, _ScriptModule):
+        raise UserError(f"{path}: the archive's root is a {type(root).__name__}, not a module")
+    return root.tensors()

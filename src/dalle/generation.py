@@ -24,7 +24,7 @@ from PIL import Image
 from dalle.data.transforms import ImageTransform, to_float, to_uint8
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE
-from dalle.models.reranker import Reranker
+from dalle.models.reranker import Scorer, load_reranker
 from dalle.models.sampling import PriorDecoder, SampleConfig
 from dalle.models.transformer import PriorTransformer
 from dalle.tokenizers.text import TOKENIZER_FILE, TextTokenizer
@@ -55,7 +55,7 @@ def candidate_seed(seed: int, caption_index: int, candidate: int) -> int:
 class Generator:
     """Prior + dVAE + text tokenizer (+ reranker): captions in, images out."""
 
-    def __init__(self, prior: PriorTransformer, dvae: DVAE, tokenizer: TextTokenizer, reranker: Reranker | None = None,
+    def __init__(self, prior: PriorTransformer, dvae: DVAE, tokenizer: TextTokenizer, reranker: Scorer | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE):
         pc, dc = prior.config, dvae.config
         if (pc.grid_size, pc.codebook_size) != (dc.grid_size, dc.codebook_size):
@@ -73,13 +73,14 @@ class Generator:
 
     @classmethod
     def from_parts(cls, prior: PriorTransformer, dvae: DVAE, tokenizer: TextTokenizer,
-                   reranker: Reranker | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
+                   reranker: Scorer | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
         return cls(prior, dvae, tokenizer, reranker, batch_size)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", *,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
-        """Load ``RUN/tokenizer``, ``RUN/dvae/model``, ``RUN/prior/model`` and ``RUN/reranker/model`` (optional)."""
+                 batch_size: int = DEFAULT_BATCH_SIZE, reranker: Scorer | None = None) -> Generator:
+        """Load ``RUN/tokenizer``, ``RUN/dvae/model``, ``RUN/prior/model`` and ``RUN/reranker/model`` (optional;
+        ``reranker`` replaces it)."""
         run = Path(run_dir)
         if not run.is_dir():
             raise UserError(f"run directory {run} does not exist (make one with `dalle pipeline --out {run}`)")
@@ -88,15 +89,23 @@ class Generator:
             if not parts[name].is_dir():
                 raise UserError(f"{run} has no {name} ({parts[name]} is missing): finish the run with "
                                 f"`dalle pipeline --out {run}`")
-        reranker = parts["reranker"] if parts["reranker"].is_dir() else None
-        return cls.from_paths(parts["prior"], parts["dvae"], parts["tokenizer"], reranker, device=device,
-                              batch_size=batch_size)
+        own = parts["reranker"] if parts["reranker"].is_dir() and reranker is None else None
+        generator = cls.from_paths(parts["prior"], parts["dvae"], parts["tokenizer"], own, device=device,
+                                   batch_size=batch_size)
+        if reranker is not None:
+            generator.reranker = reranker
+        return generator
 
     @classmethod
     def from_paths(cls, prior: str | os.PathLike, dvae: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                    reranker: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
-        """Load model directories; the tokenizer defaults to the one saved beside the prior."""
+                   batch_size: int = DEFAULT_BATCH_SIZE, clip_vocab: str | os.PathLike | None = None,
+                   clip_activation: str | None = None) -> Generator:
+        """Load model directories; the tokenizer defaults to the one saved beside the prior.
+
+        ``reranker``: our reranker's model directory or a CLIP checkpoint (``clip_vocab``, ``clip_activation``: see
+        :func:`dalle.models.reranker.load_reranker`).
+        """
         from dalle.training.loop import resolve_device
 
         device = resolve_device(str(device))
@@ -105,8 +114,8 @@ class Generator:
             if not (Path(prior) / TOKENIZER_FILE).is_file():
                 raise UserError(f"{prior} holds no {TOKENIZER_FILE}: give the text tokenizer explicitly")
             tokenizer = prior
-        return cls(prior_model, DVAE.from_pretrained(dvae, device), TextTokenizer.load(tokenizer),
-                   Reranker.from_pretrained(reranker, device) if reranker is not None else None, batch_size)
+        scorer = load_reranker(reranker, device, clip_vocab, clip_activation) if reranker is not None else None
+        return cls(prior_model, DVAE.from_pretrained(dvae, device), TextTokenizer.load(tokenizer), scorer, batch_size)
 
     @property
     def grid_size(self) -> int:

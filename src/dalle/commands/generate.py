@@ -40,7 +40,15 @@ class GenerateConfig:
     prior: Path | None = option(None, "prior model directory (default: RUN/prior/model)")
     dvae: Path | None = option(None, "dVAE model directory (default: RUN/dvae/model)")
     tokenizer: Path | None = option(None, "text tokenizer directory (default: RUN/tokenizer, else the prior's own)")
-    reranker: Path | None = option(None, "reranker model directory (default: RUN/reranker/model if it exists)")
+    reranker: Path | None = option(None, "reranker: a model directory of `dalle reranker train` or a CLIP checkpoint "
+                                   "(OpenAI's ViT-B-32.pt / RN50.pt, an open_clip .bin / .safetensors or directory); "
+                                   "default: RUN/reranker/model if it exists")
+    clip_vocab: Path | None = option(None, "CLIP's bpe_simple_vocab_16e6.txt.gz, when --reranker is a CLIP checkpoint "
+                                     "(default: beside the checkpoint or from an installed open_clip)")
+    clip_activation: str | None = option(None, "MLP activation of a CLIP checkpoint: quick_gelu (OpenAI's models) or "
+                                         "gelu (most open_clip models); default: OpenAI's archives quick_gelu, an "
+                                         "open_clip directory its config, a bare state dict gelu",
+                                         choices=("quick_gelu", "gelu"))
     rerank: bool = option(True, "score the draws with the reranker (if any) and keep the best; --no-rerank keeps "
                           "the first draws")
     n: int = option(8, "candidates drawn per caption (the paper: 512)")
@@ -54,7 +62,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         check(self.run is not None or (self.prior is not None and self.dvae is not None), self, "run",
               "is required unless both --prior and --dvae are given")
-        for name in ("run", "prior", "dvae", "tokenizer", "reranker", "out"):
+        for name in ("run", "prior", "dvae", "tokenizer", "reranker", "clip_vocab", "out"):
             value = getattr(self, name)
             setattr(self, name, Path(value) if value is not None else None)
         check(self.n >= 1, self, "n", "must be at least 1")
@@ -126,7 +134,8 @@ def _generator(cfg: GenerateConfig) -> tuple[Generator, dict[str, str | None]]:
     if not cfg.rerank:
         parts["reranker"] = None
     generator = Generator.from_paths(parts["prior"], parts["dvae"], parts["tokenizer"], parts["reranker"],
-                                     device=cfg.device, batch_size=cfg.batch_size)
+                                     device=cfg.device, batch_size=cfg.batch_size, clip_vocab=cfg.clip_vocab,
+                                     clip_activation=cfg.clip_activation)
     if parts["tokenizer"] is None:
         parts["tokenizer"] = parts["prior"]  # from_paths took the tokenizer saved beside the prior
     return generator, {name: None if path is None else str(path) for name, path in parts.items()}

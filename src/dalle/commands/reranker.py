@@ -25,7 +25,15 @@ TABLE = (("i2t_top1", "image→text top-1"), ("i2t_top5", "image→text top-5"),
 
 @dataclasses.dataclass
 class EvalConfig:
-    model: Path | None = option(None, "reranker model directory (RUN/model written by `dalle reranker train`)")
+    model: Path | None = option(None, "reranker model directory (RUN/model written by `dalle reranker train`) or a "
+                                "CLIP checkpoint (OpenAI's ViT-B-32.pt / RN50.pt, an open_clip .bin / .safetensors "
+                                "or directory)")
+    clip_vocab: Path | None = option(None, "CLIP's bpe_simple_vocab_16e6.txt.gz, when --model is a CLIP checkpoint "
+                                     "(default: beside the checkpoint or from an installed open_clip)")
+    clip_activation: str | None = option(None, "MLP activation of a CLIP checkpoint: quick_gelu (OpenAI's models) or "
+                                         "gelu (most open_clip models); default: OpenAI's archives quick_gelu, an "
+                                         "open_clip directory its config, a bare state dict gelu",
+                                         choices=("quick_gelu", "gelu"))
     pairs: int = option(512, "(image, caption) pairs of the split to retrieve among")
     batch_size: int = option(256, "images or captions embedded at once")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
@@ -77,15 +85,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dalle.models.reranker import Reranker
+    from dalle.models.reranker import load_reranker
     from dalle.training.loop import resolve_device
     from dalle.training.reranker_task import evaluate_retrieval, load_pairs
 
     cfg = from_args(EvalConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    reranker = Reranker.from_pretrained(cfg.model, device=resolve_device(cfg.device))
-    defaults = {k: v for k, v in (("split", "val"), ("resolution", reranker.config.resolution))
+    reranker = load_reranker(cfg.model, resolve_device(cfg.device), cfg.clip_vocab, cfg.clip_activation)
+    defaults = {k: v for k, v in (("split", "val"), ("resolution", reranker.resolution))
                 if not hasattr(args, f"data_{k}")}
     data = from_args(DataConfig, args, "data_", **defaults)
     images, captions = load_pairs(data, cfg.pairs)

@@ -88,6 +88,15 @@ class EvalConfig:
                                     "CPU sizes a step is mostly fixed overhead, so larger is faster (lower it for "
                                     "large models)")
     prior_records: int = option(512, "validation (and held-out) records on which the prior's loss is measured")
+    reranker: Path | None = option(None, "the contrastive model that reranks the samples and gives the contrastive "
+                                   "score: RUN/reranker/model by default, or a CLIP checkpoint (OpenAI's "
+                                   "ViT-B-32.pt / RN50.pt, an open_clip .bin / .safetensors or directory)")
+    clip_vocab: Path | None = option(None, "CLIP's bpe_simple_vocab_16e6.txt.gz, when --reranker is a CLIP checkpoint "
+                                     "(default: beside the checkpoint or from an installed open_clip)")
+    clip_activation: str | None = option(None, "MLP activation of a CLIP checkpoint: quick_gelu (OpenAI's models) or "
+                                         "gelu (most open_clip models); default: OpenAI's archives quick_gelu, an "
+                                         "open_clip directory its config, a bare state dict gelu",
+                                         choices=("quick_gelu", "gelu"))
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
 
@@ -95,6 +104,8 @@ class EvalConfig:
         check(self.run is not None, self, "run", "is required (--run RUN, a directory written by `dalle pipeline`)")
         self.run = Path(self.run)
         self.out = Path(self.out) if self.out is not None else self.run / "eval"
+        self.reranker = Path(self.reranker) if self.reranker is not None else None
+        self.clip_vocab = Path(self.clip_vocab) if self.clip_vocab is not None else None
         check(self.captions >= 2, self, "captions", "must be at least 2 (a covariance needs two images)")
         check(self.candidates >= 1, self, "candidates", "must be at least 1")
         check(self.real_images >= 2, self, "real_images", "must be at least 2")
@@ -116,12 +127,12 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------------------------------- the run
 
-def check_run(run: Path) -> None:
+def check_run(run: Path, own_reranker: bool = True) -> None:
     """Raise a :class:`UserError` naming the command that makes the first missing stage output."""
     if not run.is_dir():
         raise UserError(f"no run directory {run}: make one with `dalle pipeline --out {run}`")
     for rel, what, command in STAGE_OUTPUTS:
-        if not (run / rel).is_file():
+        if not (run / rel).is_file() and (own_reranker or what != "reranker"):
             raise UserError(f"{run} has no {what} ({run / rel}); make it with `{command.format(run=run)}` or run "
                             f"`dalle pipeline --out {run}`")
 
@@ -269,7 +280,7 @@ def _phase(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.run``; write the PNGs, ``report.html`` and (last) ``metrics.json`` to ``cfg.out``."""
-    check_run(cfg.run)
+    check_run(cfg.run, own_reranker=cfg.reranker is None)
     threads = torch.get_num_threads()
     try:
         if cfg.threads:
@@ -281,11 +292,13 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
 
 def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from dalle.generation import Generator
-    from dalle.models.reranker import Reranker
+    from dalle.models.reranker import load_reranker
     from dalle.training.loop import resolve_device
 
     run, out = cfg.run, cfg.out
     device = resolve_device(cfg.device)
+    reranker = load_reranker(cfg.reranker or run / "reranker" / "model", device, cfg.clip_vocab,
+                             cfg.clip_activation)
     (out / METRICS).unlink(missing_ok=True)  # the done-marker of an earlier evaluation must not outlive a failed one
     seconds: dict[str, float] = {}
     with _phase(seconds, "real images"):
@@ -298,14 +311,14 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                                                                      "in training)"))
         floor, _ = load_real(split_data(run, "train"), len(captions))  # as many as generated validation images
     with _phase(seconds, "generation"):
-        samples = draw(Generator.from_run(run, device=device, batch_size=cfg.sample_batch_size), sets, cfg)
+        generator = Generator.from_run(run, device=device, batch_size=cfg.sample_batch_size, reranker=reranker)
+        samples = draw(generator, sets, cfg)
     metrics: dict[str, Any] = {
         "run": str(run), "dataset": split_data(run, "val").source, "device": str(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
         "counts": {"captions": {name: len(s.captions.captions) for name, s in samples.items()},
                    "candidates": cfg.candidates, "real_images": len(real), "generated_val": len(captions),
                    "floor_images": len(floor), "resolution": real.shape[1]}}
-    reranker = Reranker.from_pretrained(run / "reranker" / "model", device=device)
     with _phase(seconds, "distribution metrics"):
         metrics.update(distribution_metrics(cfg, samples["val"], real, real_captions, floor, reranker, device))
     with _phase(seconds, "compositional accuracy"):
@@ -341,7 +354,8 @@ def distribution_metrics(cfg: EvalConfig, val: Samples, real: np.ndarray, real_c
     return {
         "distribution": {
             "fd_label": reader.feature_label, "is_label": reader.score_label,
-            "cs_label": "contrastive score (our reranker, scaled cosine similarity)",
+            "cs_label": f"contrastive score ({'our reranker' if reranker.name == 'Reranker' else reranker.name}, "
+                        "scaled cosine similarity)",
             "fd": {"reranked": size["fd"][-1], "unreranked": size["fd"][0], "real_floor": floor_fd},
             "is": scores,
             "contrastive": {"reranked": size["contrastive"][-1], "unreranked": size["contrastive"][0],

@@ -55,8 +55,9 @@ class FeatureReader:
               device: torch.device, batch_size: int = 64) -> FeatureReader:
         """``features``: "efficientnet-lite0", "inception" (needs ``inception_weights``) or "reranker"."""
         if features == "reranker":
-            config = reranker.config
-            extractor: Any = EncodeImageFeatures(reranker.model, "Reranker", config.embed_dim, config.resolution)
+            # The scorer's own preprocessing: resizing, and a CLIP's normalisation.
+            extractor: Any = EncodeImageFeatures(reranker.model, reranker.name, reranker.embed_dim,
+                                                 preprocess=reranker.preprocess)
         else:
             name = {"efficientnet-lite0": "efficientnet-lite0", "inception": "inception-v3"}.get(features, features)
             extractor = build_extractor(name, inception_weights).to(device)

@@ -17,9 +17,9 @@ can be fetched offline, so we train our own with CLIP's recipe (Radford et al. 2
 
 :class:`Reranker` is the usable whole: model + tokenizer + preprocessing (resizing to the model's resolution), with
 :meth:`Reranker.score` and :meth:`Reranker.rerank`. A model directory holds ``config.json`` (``kind: reranker``),
-``model.safetensors`` and the tokenizer's two files, so it loads standalone. Checkpoints of OpenAI's CLIP or open_clip
-are recognised (:func:`describe_checkpoint`) but not loaded: we would need their BPE vocabulary and could not check
-parity without the weights; the error says so and what to do instead.
+``model.safetensors`` and the tokenizer's two files, so it loads standalone. :class:`Scorer` is what reranking and
+evaluation use; :func:`load_reranker` gives one from our model directory or from a user's OpenAI CLIP / open_clip
+checkpoint (:mod:`dalle.models.clip`).
 """
 
 from __future__ import annotations
@@ -280,59 +280,58 @@ def count_parameters(module: nn.Module) -> int:
 # --- model + tokenizer + preprocessing -----------------------------------------------------------------------------
 
 
-class Reranker:
-    """What sampling uses: score (image, caption) pairs and keep the best of N candidates for a caption."""
+class Scorer:
+    """Scores (image, caption) pairs with a contrastive model: ``scale · cos(image embedding, caption embedding)``.
 
-    def __init__(self, model: ContrastiveModel, tokenizer: TextTokenizer):
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise UserError(f"the text tokenizer has {tokenizer.vocab_size} tokens but the reranker was built for "
-                            f"{model.config.vocab_size}: they do not belong together")
-        self.model, self.tokenizer = model, tokenizer
+    Subclasses give the model's ``resolution``, ``device``, ``scale``, caption ``normalize``-ation, the image
+    ``preprocess``-ing and the two encoders of already prepared inputs; the batching, scoring and reranking are here.
+    :class:`Reranker` (ours) and :class:`dalle.models.clip.ClipReranker` (a user's CLIP checkpoint) are the two.
+    """
 
-    @property
-    def config(self) -> RerankerConfig:
-        return self.model.config
+    name = "reranker"
+    resolution: int
+    embed_dim: int
+    device: torch.device
+    scale: float
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def scale(self) -> float:
-        """The learned exp(logit_scale) that multiplies cosine similarities into scores."""
-        with torch.no_grad():
-            return float(self.model.scale())
-
-    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions → ``ids, pad_mask (B, L)`` on the model's device, cut to the model's ``text_len``."""
-        ids, pad_mask = self.tokenizer.encode_batch(list(captions))  # (B, tokenizer text_len)
-        n = self.config.text_len
-        return ids[:, :n].to(self.device), pad_mask[:, :n].to(self.device)
+    def normalize(self, caption: str) -> str:
+        """The caption as the model reads it: captions equal after this are the same text to the model."""
+        raise NotImplementedError
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` floats in [0, 1] or ``(B, H, W, 3)`` uint8 → ``(B, 3, R, R)`` floats on the device."""
+        """``(B, 3, H, W)`` floats in [0, 1] or ``(B, H, W, 3)`` uint8 → the image encoder's input on the device."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images → ``(B, E)`` unit embeddings."""
+        raise NotImplementedError
+
+    def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions → ``(B, E)`` unit embeddings."""
+        raise NotImplementedError
+
+    def resize(self, images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+        """Images as floats in [0, 1], ``(B, 3, size, size)`` on the model's device and dtype."""
         x = to_float(images) if images.dtype == torch.uint8 else images
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) float or (B, H, W, 3) uint8 images, got {tuple(images.shape)}")
         param = next(self.model.parameters())
         x = x.to(param.device, param.dtype)
-        r = self.config.resolution
-        if tuple(x.shape[2:]) != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        if tuple(x.shape[2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False).clamp(0, 1)
         return x
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """``(N, D)`` unit image embeddings, computed ``batch_size`` at a time."""
-        chunks = [self.model.encode_image(self.preprocess(images[i:i + batch_size]))
+        chunks = [self.encode_images(self.preprocess(images[i:i + batch_size]))
                   for i in range(0, len(images), batch_size)]
         return torch.cat(chunks).float()
 
     @torch.no_grad()
     def embed_captions(self, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """``(N, D)`` unit caption embeddings."""
-        chunks = [self.model.encode_text(*self.tokenize(captions[i:i + batch_size]))
-                  for i in range(0, len(captions), batch_size)]
+        chunks = [self.encode_captions(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
         return torch.cat(chunks).float()
 
     @torch.no_grad()
@@ -354,6 +353,58 @@ class Reranker:
         sims = self.embed_images(images) @ self.embed_captions([caption])[0]  # (N,)
         return sims.topk(keep).indices.cpu()
 
+
+class Reranker(Scorer):
+    """Our contrastive model with its BPE tokenizer: what `dalle reranker train` writes and sampling uses."""
+
+    name = "Reranker"
+
+    def __init__(self, model: ContrastiveModel, tokenizer: TextTokenizer):
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise UserError(f"the text tokenizer has {tokenizer.vocab_size} tokens but the reranker was built for "
+                            f"{model.config.vocab_size}: they do not belong together")
+        self.model, self.tokenizer = model, tokenizer
+
+    @property
+    def config(self) -> RerankerConfig:
+        return self.model.config
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def scale(self) -> float:
+        """The learned exp(logit_scale) that multiplies cosine similarities into scores."""
+        with torch.no_grad():
+            return float(self.model.scale())
+
+    def normalize(self, caption: str) -> str:
+        return self.tokenizer.normalize(caption)
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → ``ids, pad_mask (B, L)`` on the model's device, cut to the model's ``text_len``."""
+        ids, pad_mask = self.tokenizer.encode_batch(list(captions))  # (B, tokenizer text_len)
+        n = self.config.text_len
+        return ids[:, :n].to(self.device), pad_mask[:, :n].to(self.device)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return self.resize(images, self.resolution)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(*self.tokenize(captions))
+
     # --- files -----------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
@@ -368,7 +419,8 @@ class Reranker:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Reranker:
         path = Path(path)
         if not (path / CONFIG).is_file() or _kind(path / CONFIG) != KIND:
-            raise UserError(f"{path} is not a reranker model directory: {describe_checkpoint(path)}. " + SUPPORTED)
+            raise UserError(f"{path} is not a reranker model directory: {describe_checkpoint(path)}. " + SUPPORTED
+                            + " (CLIP checkpoints load with load_reranker)")
         raw, state = load_model_dir(path, device)
         raw.pop("kind")
         config = from_dict(RerankerConfig, raw)
@@ -387,10 +439,23 @@ def _kind(config_file: Path) -> object:
 
 # --- other people's checkpoints ------------------------------------------------------------------------------------
 
-SUPPORTED = ("Only model directories written by `dalle reranker train` load (config.json with kind 'reranker', "
-             "model.safetensors and the tokenizer files); OpenAI CLIP and open_clip checkpoints are recognised but "
-             "not converted, since their BPE vocabulary is not part of the checkpoint. Train one with "
-             "`dalle reranker train --tokenizer DIR`.")
+SUPPORTED = ("A reranker is a model directory written by `dalle reranker train` (config.json with kind 'reranker', "
+             "model.safetensors and the tokenizer files), or a CLIP checkpoint: one of OpenAI's released files "
+             "(ViT-B-32.pt, RN50.pt, ...), an open_clip state dict (.bin / .pt / .safetensors) or an open_clip model "
+             "directory, with a vision-transformer or modified-ResNet image tower.")
+
+
+def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu",
+                  clip_vocab: str | os.PathLike | None = None, clip_activation: str | None = None) -> Scorer:
+    """Our reranker from its model directory, or a user's CLIP checkpoint (see :mod:`dalle.models.clip`)."""
+    path = Path(path)
+    if (path / CONFIG).is_file() and _kind(path / CONFIG) == KIND:
+        return Reranker.from_pretrained(path, device)
+    from dalle.models.clip import ClipReranker, is_clip_checkpoint
+
+    if is_clip_checkpoint(path):
+        return ClipReranker.from_checkpoint(path, device, clip_vocab, clip_activation)
+    raise UserError(f"{path} is not a reranker: {describe_checkpoint(path)}. " + SUPPORTED)
 
 
 def describe_checkpoint(path: str | os.PathLike) -> str:

@@ -167,7 +167,7 @@ def load_pairs(data: DataConfig, n: int) -> tuple[torch.Tensor, list[str]]:
 def evaluate_retrieval(reranker: Reranker, images: torch.Tensor, captions: Sequence[str],
                        batch_size: int = 256) -> dict[str, float]:
     """:func:`retrieval_metrics` of a reranker on pairs from :func:`load_pairs`."""
-    normalised = [reranker.tokenizer.normalize(c) for c in captions]  # equal for the model ⇔ equal here
+    normalised = [reranker.normalize(c) for c in captions]  # equal for the model ⇔ equal here
     image_emb = reranker.embed_images(images, batch_size)
     text_emb = reranker.embed_captions(list(captions), batch_size)
     return retrieval_metrics(image_emb, text_emb, normalised, reranker.scale)
