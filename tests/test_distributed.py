@@ -26,8 +26,9 @@ from dalle.data.token_cache import TokenCache, cache_batches, encode_dataset
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE, preset
 from dalle.models.transformer import PRESETS, PriorTransformer
+from dalle.training.config import TrainConfig
 from dalle.training.distributed import Processes, powersgd_compression, powersgd_elements
-from dalle.training.loop import EpochStream, TrainConfig, Trainer
+from dalle.training.loop import EpochStream, Trainer
 from dalle.training.prior_task import PriorTask, PriorTrainConfig
 
 SMALL = dict(dim=32, n_layers=2, n_heads=2, head_dim=16)

@@ -13,8 +13,9 @@ from dalle.data.config import DataConfig
 from dalle.errors import UserError
 from dalle.models.dvae import DVAE, DVAEConfig
 from dalle.training.code_restarts import CodeRestarts, split_codes
+from dalle.training.config import TrainConfig, config_for_run, with_defaults
 from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig, standardise_logits
-from dalle.training.loop import TrainConfig, Trainer, config_for_run, with_defaults
+from dalle.training.loop import Trainer
 
 TINY = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codebook_size=32, n_init=8)
 TIMING = {"step_s", "elapsed_s"}

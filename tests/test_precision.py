@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle.models.transformer import PriorTransformer, preset
-from dalle.training.loop import Task, TrainConfig, Trainer
+from dalle.training.config import TrainConfig
+from dalle.training.loop import Task, Trainer
 from dalle.training.precision import GradScaling, autocast_dtype, scale_grad
 
 

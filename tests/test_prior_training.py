@@ -14,7 +14,8 @@ from dalle.errors import UserError
 from dalle.models.dvae import DVAE, preset
 from dalle.models.transformer import PriorTransformer
 from dalle.tokenizers.text import TextTokenizer
-from dalle.training.loop import TrainConfig, Trainer
+from dalle.training.config import TrainConfig
+from dalle.training.loop import Trainer
 from dalle.training.prior_task import PriorTask, PriorTrainConfig, sample_codes
 
 # A prior small enough for a few dozen CPU steps per second; grid and codebook come from the cache (8x8 of 512).

@@ -14,7 +14,7 @@ class RunOptions:
     """The loop config of a run and, on ``--resume``, the configs saved with it; options given now win."""
 
     def __init__(self, args: argparse.Namespace, loop_cls: type):
-        from dalle.training.loop import config_for_run, saved_run_config
+        from dalle.training.config import config_for_run, saved_run_config
 
         self.args = args
         default_out = next(f.default for f in dataclasses.fields(loop_cls) if f.name == "out")
@@ -24,7 +24,7 @@ class RunOptions:
 
     def task(self, cls: type, key: str, prefix: str = "") -> Any:
         """The task's ``key`` section: saved values (on resume) overridden by the options given now."""
-        from dalle.training.loop import config_for_run
+        from dalle.training.config import config_for_run
 
         return config_for_run(cls, self.args, self.saved and self.saved["task"][key], prefix=prefix)
 

@@ -32,18 +32,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dalle.checkpoint import read_json, write_text_atomic
-from dalle.config import check, from_dict, option, to_dict
-from dalle.data.config import DataConfig
-from dalle.data.token_cache import TokenCache, cache_batches, captions_file
+from dalle.checkpoint import write_text_atomic
+from dalle.config import check, option, to_dict
+from dalle.data.token_cache import TokenCache, cache_batches
 from dalle.errors import UserError
 from dalle.evaluation import plots, report
 from dalle.evaluation import sample_metrics as sm
+from dalle.evaluation.eval_sets import (
+    CaptionSet,
+    Samples,
+    cache_captions,
+    draw,
+    load_real,
+    normal_caption,
+    split_data,
+    training_captions,
+)
 from dalle.evaluation.metrics import reconstruction_metrics
 from dalle.evaluation.shapes_checker import ShapesChecker, summarize
 
 if TYPE_CHECKING:
-    from dalle.generation import Generator
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -135,92 +144,6 @@ def check_run(run: Path, own_reranker: bool = True) -> None:
         if not (run / rel).is_file() and (own_reranker or what != "reranker"):
             raise UserError(f"{run} has no {what} ({run / rel}); make it with `{command.format(run=run)}` or run "
                             f"`dalle pipeline --out {run}`")
-
-
-def split_data(run: Path, split: str) -> DataConfig:
-    """The data options the token cache of ``split`` was encoded with: the same images, decoded the same way."""
-    return from_dict(DataConfig, read_json(run / "cache" / split / "meta.json")["data"])
-
-
-@dataclasses.dataclass
-class CaptionSet:
-    name: str  # "val", "train" or "heldout"
-    title: str
-    captions: list[str]
-    attributes: list[dict[str, Any] | None]
-
-
-def cache_captions(run: Path, split: str, n: int, title: str) -> CaptionSet:
-    """``n`` records spread evenly over the split's cache (a file-ordered dataset may be sorted by topic)."""
-    cache = TokenCache(run / "cache" / split)
-    rows = [cache.record(int(i)) for i in np.unique(np.linspace(0, len(cache) - 1, min(n, len(cache))).round())]
-    return CaptionSet(split, title, [r["caption"] for r in rows], [r["attributes"] for r in rows])
-
-
-def training_captions(run: Path) -> set[str]:
-    """Every training caption, normalised, read from the cache's caption files (no images)."""
-    path = run / "cache" / "train"
-    out = set()
-    for i in range(read_json(path / "meta.json")["chunks"]):
-        with open(path / captions_file(i), encoding="utf-8") as f:
-            out.update(_normal(json.loads(line)["caption"]) for line in f)
-    return out
-
-
-def _normal(caption: str) -> str:
-    return " ".join(caption.lower().split())
-
-
-def load_real(data: DataConfig, n: int) -> tuple[np.ndarray, list[str]]:
-    """The first ``n`` images ``(n, H, W, 3)`` uint8 of a split (in the cache's order) and their captions."""
-    from dalle.training.reranker_task import load_pairs
-
-    images, captions = load_pairs(data, n)
-    return images.numpy(), captions
-
-
-# ----------------------------------------------------------------------------------------------------- sampling
-
-@dataclasses.dataclass
-class Samples:
-    """A caption set's samples: ``candidates (C, N, H, W, 3)`` uint8 in draw order, the reranker's ``scores (C, N)``
-    and its picks ``reranked (C, H, W, 3)``."""
-
-    captions: CaptionSet
-    candidates: np.ndarray
-    scores: torch.Tensor
-    reranked: np.ndarray
-
-    @property
-    def unreranked(self) -> np.ndarray:
-        return self.candidates[:, 0]
-
-    @property
-    def picks(self) -> list[int]:
-        return self.scores.argmax(1).tolist()
-
-
-def _array(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def draw(generator: Generator, sets: list[CaptionSet], cfg: EvalConfig) -> dict[str, Samples]:
-    """One ``generate`` call for every caption of every set (batches fill up), split back by set."""
-    from dalle.models.sampling import SampleConfig
-
-    captions = [c for s in sets for c in s.captions]
-    sample = SampleConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
-    results = generator.generate(captions, n=cfg.candidates, keep=1, sample=sample)
-    if any(r.candidate_scores is None for r in results):
-        raise UserError("the generator returned no reranker scores; evaluation needs RUN/reranker/model")
-    out, start = {}, 0
-    for s in sets:
-        chunk = results[start:start + len(s.captions)]
-        start += len(s.captions)
-        out[s.name] = Samples(s, np.stack([_array(r.candidates) for r in chunk]),
-                              torch.stack([torch.as_tensor(_array(r.candidate_scores)).float() for r in chunk]),
-                              np.stack([_array(r.images)[0] for r in chunk]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -329,7 +252,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     unseen = samples.get("heldout") or samples["val"]
     seen = training_captions(run)
     metrics["unseen_captions"] = {"set": unseen.captions.name, "captions": len(unseen.captions.captions),
-                                  "in_training": sum(_normal(c) in seen for c in unseen.captions.captions)}
+                                  "in_training": sum(normal_caption(c) in seen for c in unseen.captions.captions)}
     with _phase(seconds, "figures and report"):
         write_outputs(cfg, metrics, samples, verdicts, real, recons)
     metrics["seconds"] = seconds

@@ -31,7 +31,8 @@ from dalle.data.records import SkipStats
 from dalle.data.transforms import map_pixels, to_float, to_uint8
 from dalle.models.dvae import DVAE, PRESETS, DVAEConfig, ResBlock
 from dalle.training.code_restarts import CodeRestarts
-from dalle.training.loop import Task, TrainConfig, with_defaults
+from dalle.training.config import TrainConfig, with_defaults
+from dalle.training.loop import Task
 from dalle.training.losses import bits_per_dim, code_usage, dvae_terms, psnr
 from dalle.training.schedules import cosine, linear, schedule_steps
 

@@ -39,7 +39,8 @@ from dalle.models.attention import IMPLS
 from dalle.models.sampling import sample_codes
 from dalle.models.transformer import KIND, PRESETS, TEXT_LOSS_WEIGHT, PriorConfig, PriorTransformer
 from dalle.tokenizers.text import CONFIG_FILE, TOKENIZER_FILE, TextTokenizer
-from dalle.training.loop import Task, TrainConfig, with_defaults
+from dalle.training.config import TrainConfig, with_defaults
+from dalle.training.loop import Task
 
 DEFAULT_PRESET = "tiny"
 PAPER_BPE_DROPOUT = 0.1

@@ -35,8 +35,9 @@ from dalle.data.transforms import to_float
 from dalle.errors import UserError
 from dalle.models.reranker import PRESETS, ContrastiveModel, Reranker, RerankerConfig, ResBlock, TextBlock
 from dalle.tokenizers.text import TextTokenizer
+from dalle.training.config import TrainConfig, with_defaults
 from dalle.training.distributed import gather_batch, gather_list
-from dalle.training.loop import Task, TrainConfig, with_defaults
+from dalle.training.loop import Task
 
 TOP_K = (1, 5)
 
