@@ -62,6 +62,29 @@ def test_cached_logits_equal_full_forward_at_every_step(schedule, prompt_len, pa
         torch.testing.assert_close(logits, full[:, j + 1], atol=1e-5, rtol=1e-5, msg=f"cell {j + 1}")
 
 
+@pytest.mark.parametrize("prompt_len", [0, 6])
+def test_repeated_captions_are_prefilled_once_and_step_like_distinct_ones(prompt_len):
+    model, ids, pad_mask = model_and_text("paper")
+    cfg = model.config
+    order = torch.tensor([0, 1, 0, 2, 1, 0])  # three captions, candidates interleaved
+    prompt = torch.randint(0, cfg.codebook_size, (3, prompt_len))[order]
+    rows = []
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    decoder = PriorDecoder(model)
+    logits = decoder.prefill(ids[order], pad_mask[order], prompt)
+    assert rows == [3]  # the six rows' prefix ran once per distinct caption
+    reference = PriorDecoder(model)
+    for k, i in enumerate(order.tolist()):
+        torch.testing.assert_close(logits[k], reference.prefill(ids[i:i + 1], pad_mask[i:i + 1], prompt[k:k + 1])[0],
+                                   atol=1e-5, rtol=1e-5)
+    codes = torch.randint(0, cfg.codebook_size, (6,))
+    step = decoder.step(codes)  # the rows diverge from here: each has its own cache entries
+    with torch.no_grad():
+        full = model(ids[order], pad_mask[order], torch.cat([prompt, codes[:, None]], 1).repeat(
+            1, cfg.image_len)[:, :cfg.image_len].view(6, cfg.grid_size, cfg.grid_size)).image
+    torch.testing.assert_close(step, full[:, prompt_len + 1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", [Layout(8, 4, 3), Layout(5, 8, 5), Layout(16, 32, 11), Layout(3, 6, 13)])
 def test_cache_reads_exactly_the_keys_the_mask_allows(kind, layout):

@@ -355,16 +355,26 @@ class PriorDecoder:
         if prompt.shape[1] >= self.image_len:
             raise UserError("the prompt already fills the grid: nothing is left to predict")
         cache = self._cache_for(batch)
-        x = torch.cat([model.embed_text(text_ids, pad_mask), model.embed_image(prompt)], dim=1)  # (B, L0, dim)
+        # Candidates of one caption share its prefix: run each distinct row once and copy its keys and values.
+        rows = torch.cat([text_ids, pad_mask.long(), prompt], dim=1)  # (B, text_len * 2 + n)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, ...), (B,)
+        if len(unique) == batch:
+            inverse = None
+        else:
+            t = self.text_len
+            text_ids, pad_mask, prompt = unique[:, :t], unique[:, t:2 * t].bool(), unique[:, 2 * t:]
+        x = torch.cat([model.embed_text(text_ids, pad_mask), model.embed_image(prompt)], dim=1)  # (U, L0, dim)
         b, length, _ = x.shape
         for i, block in enumerate(model.blocks):  # Block.forward, keeping each layer's keys and values
             attn = block.attn
-            qkv = attn.qkv(block.ln_1(x)).view(b, length, 3, attn.n_heads, attn.head_dim)  # (B, L0, 3, H, D)
-            cache.fill(i, qkv[:, :, 1:].permute(2, 0, 3, 1, 4))  # (2, B, H, L0, D)
+            qkv = attn.qkv(block.ln_1(x)).view(b, length, 3, attn.n_heads, attn.head_dim)  # (U, L0, 3, H, D)
+            kv = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)  # (2, U, H, L0, D)
+            cache.fill(i, kv if inverse is None else kv[:, inverse])  # (2, B, H, L0, D)
             x = x + attn.proj(attend(qkv, attn.kind, attn.layout, attn.impl).reshape(b, length, -1))
             x = x + block.mlp(block.ln_2(x))
         self.position = length - self.text_len  # image positions fed: begin-of-image + n codes
-        return model.image_head(model.ln_f(x[:, -1]))  # (B, K)
+        logits = model.image_head(model.ln_f(x[:, -1]))  # (U, K)
+        return logits if inverse is None else logits[inverse]  # (B, K)
 
     @torch.inference_mode()
     def step(self, codes: torch.Tensor) -> torch.Tensor:
