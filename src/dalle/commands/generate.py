@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dalle import clip_options
 from dalle.config import add_options, check, from_args, option, to_dict
 from dalle.errors import UserError
 
@@ -43,12 +44,8 @@ class GenerateConfig:
     reranker: Path | None = option(None, "reranker: a model directory of `dalle reranker train` or a CLIP checkpoint "
                                    "(OpenAI's ViT-B-32.pt / RN50.pt, an open_clip .bin / .safetensors or directory); "
                                    "default: RUN/reranker/model if it exists")
-    clip_vocab: Path | None = option(None, "CLIP's bpe_simple_vocab_16e6.txt.gz, when --reranker is a CLIP checkpoint "
-                                     "(default: beside the checkpoint or from an installed open_clip)")
-    clip_activation: str | None = option(None, "MLP activation of a CLIP checkpoint: quick_gelu (OpenAI's models) or "
-                                         "gelu (most open_clip models); default: OpenAI's archives quick_gelu, an "
-                                         "open_clip directory its config, a bare state dict gelu",
-                                         choices=("quick_gelu", "gelu"))
+    clip_vocab: Path | None = clip_options.clip_vocab("--reranker")
+    clip_activation: str | None = clip_options.clip_activation()
     rerank: bool = option(True, "score the draws with the reranker (if any) and keep the best; --no-rerank keeps "
                           "the first draws")
     n: int = option(8, "candidates drawn per caption (the paper: 512)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dalle import clip_options
 from dalle.cli import add_group
 from dalle.config import add_options, check, from_args, option
 from dalle.data.config import DataConfig
@@ -28,12 +29,8 @@ class EvalConfig:
     model: Path | None = option(None, "reranker model directory (RUN/model written by `dalle reranker train`) or a "
                                 "CLIP checkpoint (OpenAI's ViT-B-32.pt / RN50.pt, an open_clip .bin / .safetensors "
                                 "or directory)")
-    clip_vocab: Path | None = option(None, "CLIP's bpe_simple_vocab_16e6.txt.gz, when --model is a CLIP checkpoint "
-                                     "(default: beside the checkpoint or from an installed open_clip)")
-    clip_activation: str | None = option(None, "MLP activation of a CLIP checkpoint: quick_gelu (OpenAI's models) or "
-                                         "gelu (most open_clip models); default: OpenAI's archives quick_gelu, an "
-                                         "open_clip directory its config, a bare state dict gelu",
-                                         choices=("quick_gelu", "gelu"))
+    clip_vocab: Path | None = clip_options.clip_vocab("--model")
+    clip_activation: str | None = clip_options.clip_activation()
     pairs: int = option(512, "(image, caption) pairs of the split to retrieve among")
     batch_size: int = option(256, "images or captions embedded at once")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")

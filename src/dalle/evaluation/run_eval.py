@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dalle import clip_options
 from dalle.checkpoint import write_text_atomic
 from dalle.config import check, option, to_dict
 from dalle.data.token_cache import TokenCache, cache_batches
@@ -100,12 +101,8 @@ class EvalConfig:
     reranker: Path | None = option(None, "the contrastive model that reranks the samples and gives the contrastive "
                                    "score: RUN/reranker/model by default, or a CLIP checkpoint (OpenAI's "
                                    "ViT-B-32.pt / RN50.pt, an open_clip .bin / .safetensors or directory)")
-    clip_vocab: Path | None = option(None, "CLIP's bpe_simple_vocab_16e6.txt.gz, when --reranker is a CLIP checkpoint "
-                                     "(default: beside the checkpoint or from an installed open_clip)")
-    clip_activation: str | None = option(None, "MLP activation of a CLIP checkpoint: quick_gelu (OpenAI's models) or "
-                                         "gelu (most open_clip models); default: OpenAI's archives quick_gelu, an "
-                                         "open_clip directory its config, a bare state dict gelu",
-                                         choices=("quick_gelu", "gelu"))
+    clip_vocab: Path | None = clip_options.clip_vocab("--reranker")
+    clip_activation: str | None = clip_options.clip_activation()
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
 

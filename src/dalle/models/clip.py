@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle.checkpoint import read_torchscript_tensors
+from dalle.clip_options import ACTIVATIONS
 from dalle.errors import UserError
 from dalle.models.reranker import Scorer, describe_checkpoint
 from dalle.tokenizers.clip_bpe import ClipTokenizer, find_vocab
@@ -41,7 +42,6 @@ from dalle.tokenizers.clip_bpe import ClipTokenizer, find_vocab
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_WIDTH = 64  # every released CLIP uses 64-dimensional heads in both towers
-ACTIVATIONS = ("quick_gelu", "gelu")
 # Keys in released checkpoints that are not weights (OpenAI's JIT files keep these as attributes).
 NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "visual.attn_mask")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
