@@ -289,6 +289,7 @@ class Scorer:
     """
 
     name = "reranker"
+    model: nn.Module
     resolution: int
     embed_dim: int
     device: torch.device
