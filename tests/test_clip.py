@@ -181,6 +181,12 @@ def test_clip_errors_are_clear(tmp_path):
         load_reranker(tmp_path / "partial.bin")
     with pytest.raises(UserError, match="does not exist"):
         load_reranker(tmp_path / "nothing")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "open_clip_config.json").write_text("{not json")
+    (hub / "open_clip_model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="cannot read"):
+        load_clip_model(hub)
 
 
 def test_cli_reranker_eval_takes_a_clip_checkpoint(tmp_path, capsys):

@@ -285,7 +285,10 @@ def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.is_dir():
         cfg_file = path / "open_clip_config.json"
         if cfg_file.is_file():
-            model_cfg = json.loads(cfg_file.read_text()).get("model_cfg", {})
+            try:
+                model_cfg = json.loads(cfg_file.read_text()).get("model_cfg", {})
+            except (OSError, ValueError, AttributeError) as e:
+                raise UserError(f"cannot read {cfg_file}: {e}") from None
             options = {"quick_gelu": bool(model_cfg.get("quick_gelu", False)),
                        "vision_heads": _heads(model_cfg.get("vision_cfg", {})),
                        "text_heads": model_cfg.get("text_cfg", {}).get("heads")}
@@ -298,9 +301,13 @@ def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = read_torchscript_tensors(path)
         options.setdefault("quick_gelu", True)  # OpenAI's own models
     elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {path} as safetensors: {e}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -311,7 +318,7 @@ def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 state = state[wrapper]
     if not isinstance(state, dict):
         raise UserError(f"{path} does not hold a state dict")
-    state = {k.removeprefix("module."): v.float() for k, v in state.items()
+    state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()
              if isinstance(v, torch.Tensor) and k.removeprefix("module.") not in NOT_WEIGHTS}
     return state, options
 
