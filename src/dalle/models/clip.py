@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from torch import nn
 from dalle.checkpoint import read_torchscript_tensors
 from dalle.clip_options import ACTIVATIONS
 from dalle.errors import UserError
-from dalle.models.reranker import Scorer, describe_checkpoint
+from dalle.models.reranker import Scorer, describe_checkpoint, is_torchscript_archive, read_state_dict
 from dalle.tokenizers.clip_bpe import ClipTokenizer, find_vocab
 
 # The normalisation CLIP's image encoders were trained with (OpenAI's preprocessing).
@@ -297,7 +296,7 @@ def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if not files:
             raise UserError(f"{path} holds no weights file ({', '.join(WEIGHT_SUFFIXES)})")
         path = files[0]
-    if zipfile.is_zipfile(path) and "TorchScript" in describe_checkpoint(path):
+    if is_torchscript_archive(path):
         state = read_torchscript_tensors(path)
         options.setdefault("quick_gelu", True)  # OpenAI's own models
     elif path.suffix == ".safetensors":
@@ -309,15 +308,9 @@ def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read {path} as safetensors: {e}") from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any failure: not a loadable state dict
-            raise UserError(f"cannot read {path} as a weights-only torch state dict: {e}") from None
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state dict")
+        state = read_state_dict(path)
+        if state is None:
+            raise UserError(f"cannot read {path} as a state dict (loaded with weights_only=True)")
     state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()
              if isinstance(v, torch.Tensor) and k.removeprefix("module.") not in NOT_WEIGHTS}
     return state, options
@@ -393,8 +386,7 @@ class ClipReranker(Scorer):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images → CLIP's input: resized (bicubic) to its resolution, normalised with its mean and std."""
         x = self.resize(images, self.resolution, mode="bicubic")
-        mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in (MEAN, STD))
         return (x - mean) / std
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

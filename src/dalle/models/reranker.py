@@ -466,11 +466,8 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
         return "it does not exist"
     if path.is_dir():
         return _describe_dir(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            return "it is a TorchScript archive, the format of OpenAI's released CLIP models (e.g. ViT-B-32.pt)"
+    if is_torchscript_archive(path):
+        return "it is a TorchScript archive, the format of OpenAI's released CLIP models (e.g. ViT-B-32.pt)"
     keys = _weight_keys(path)
     if keys is None:
         return "it is not a directory, a safetensors file or a torch state dict"
@@ -505,6 +502,21 @@ def _weight_keys(path: Path) -> list[str] | None:
             return list(f.keys())
     except (SafetensorError, OSError, ValueError):
         pass
+    state = read_state_dict(path)
+    return [str(k) for k in state] if state is not None else None
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip written by ``torch.jit.save`` (it holds code and constants beside the data)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def read_state_dict(path: Path) -> dict | None:
+    """A state dict saved with ``torch.save``, read with ``weights_only=True`` (so no pickled code runs) and taken out
+    of a training checkpoint's ``{"state_dict": ...}`` or ``{"model": ...}``; None if the file is not one."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any failure means "not a plain state dict"
@@ -512,7 +524,7 @@ def _weight_keys(path: Path) -> list[str] | None:
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
-    return [str(k) for k in obj] if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else None
 
 
 def _describe_keys(keys: list[str]) -> str:
