@@ -17,6 +17,7 @@ from dalle.models.reranker import (
     Reranker,
     RerankerConfig,
     describe_checkpoint,
+    inspect_checkpoint,
     load_reranker,
 )
 from dalle.tokenizers.text import TextTokenizer
@@ -156,16 +157,25 @@ def test_foreign_checkpoints_are_recognised_with_a_clear_error(tmp_path):
             "logit_scale": torch.zeros(())}
     save_file(clip, str(tmp_path / "clip.safetensors"))
     torch.save({"state_dict": {"module." + k: v for k, v in clip.items()}}, tmp_path / "clip.pt")
-    for path in (tmp_path / "clip.safetensors", tmp_path / "clip.pt"):
+    (tmp_path / "bare").mkdir()
+    torch.save(clip, tmp_path / "bare" / "weights.bin")
+    for path in (tmp_path / "clip.safetensors", tmp_path / "clip.pt", tmp_path / "bare"):
         assert "OpenAI CLIP / open_clip ViT" in describe_checkpoint(path)
+        assert inspect_checkpoint(path)[0] == "clip-vit"
         with pytest.raises(UserError, match="not a reranker model directory.*load_reranker"):
             Reranker.from_pretrained(path)
         with pytest.raises(UserError, match="not a CLIP state dict: no tensor"):  # recognised, but incomplete
             load_reranker(path)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    assert inspect_checkpoint(tmp_path / "hf")[0] == "hf-clip"
     with pytest.raises(UserError, match="Hugging Face transformers CLIP"):
         Reranker.from_pretrained(tmp_path / "hf")
+    (tmp_path / "other").mkdir()
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other" / "weights.bin")
+    assert inspect_checkpoint(tmp_path / "other")[0] == "unknown"
+    with pytest.raises(UserError, match="weights.bin: its 1 tensors .* match no known"):
+        load_reranker(tmp_path / "other")
     with pytest.raises(UserError, match="does not exist"):
         Reranker.from_pretrained(tmp_path / "missing")
 

@@ -34,7 +34,15 @@ from torch import nn
 from dalle.checkpoint import read_torchscript_tensors
 from dalle.clip_options import ACTIVATIONS
 from dalle.errors import UserError
-from dalle.models.reranker import Scorer, describe_checkpoint, is_torchscript_archive, read_state_dict
+from dalle.models.reranker import (
+    CLIP_KINDS,
+    WEIGHT_SUFFIXES,
+    Scorer,
+    inspect_checkpoint,
+    is_torchscript_archive,
+    read_state_dict,
+    weight_files,
+)
 from dalle.tokenizers.clip_bpe import ClipTokenizer, find_vocab
 
 # The normalisation CLIP's image encoders were trained with (OpenAI's preprocessing).
@@ -43,7 +51,6 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_WIDTH = 64  # every released CLIP uses 64-dimensional heads in both towers
 # Keys in released checkpoints that are not weights (OpenAI's JIT files keep these as attributes).
 NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "visual.attn_mask")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +280,7 @@ class ClipModel(nn.Module):
 
 def is_clip_checkpoint(path: str | Path) -> bool:
     """Whether :func:`load_clip_state` would recognise ``path`` (cheap: reads names, not tensors)."""
-    text = describe_checkpoint(path)
-    return "OpenAI CLIP / open_clip" in text or "TorchScript archive" in text or "open_clip model directory" in text
+    return inspect_checkpoint(path)[0] in CLIP_KINDS
 
 
 def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
@@ -291,8 +297,7 @@ def load_clip_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             options = {"quick_gelu": bool(model_cfg.get("quick_gelu", False)),
                        "vision_heads": _heads(model_cfg.get("vision_cfg", {})),
                        "text_heads": model_cfg.get("text_cfg", {}).get("heads")}
-        files = sorted((p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES),
-                       key=lambda p: (p.suffix != ".safetensors", p.name))
+        files = weight_files(path)
         if not files:
             raise UserError(f"{path} holds no weights file ({', '.join(WEIGHT_SUFFIXES)})")
         path = files[0]

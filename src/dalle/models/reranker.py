@@ -459,38 +459,66 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu",
     raise UserError(f"{path} is not a reranker: {describe_checkpoint(path)}. " + SUPPORTED)
 
 
-def describe_checkpoint(path: str | os.PathLike) -> str:
-    """A one-line guess at what ``path`` holds (a directory or a weights file), for error messages."""
+# What a checkpoint holds, as :func:`inspect_checkpoint` finds it. The CLIP kinds are the ones ``dalle.models.clip``
+# loads; the rest exist to name what was given in an error message.
+CLIP_KINDS = frozenset({"clip-torchscript", "clip-vit", "clip-resnet", "open-clip-dir"})
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> tuple[str, str]:
+    """(kind, a one-line description for error messages) of what ``path`` holds, a directory or a weights file.
+
+    Reads names, configs and archive listings, never tensors or pickled code. Kinds: the members of
+    :data:`CLIP_KINDS`, ``"ours"`` (a directory whose config has a ``kind``), and otherwise ones no loader accepts.
+    """
     path = Path(path)
     if not path.exists():
-        return "it does not exist"
+        return "missing", "it does not exist"
     if path.is_dir():
-        return _describe_dir(path)
+        return _inspect_dir(path)
     if is_torchscript_archive(path):
-        return "it is a TorchScript archive, the format of OpenAI's released CLIP models (e.g. ViT-B-32.pt)"
+        return "clip-torchscript", ("it is a TorchScript archive, the format of OpenAI's released CLIP models "
+                                    "(e.g. ViT-B-32.pt)")
     keys = _weight_keys(path)
     if keys is None:
-        return "it is not a directory, a safetensors file or a torch state dict"
-    return _describe_keys(keys)
+        return "unknown", "it is not a directory, a safetensors file or a torch state dict"
+    return _inspect_keys(keys)
 
 
-def _describe_dir(path: Path) -> str:
+def describe_checkpoint(path: str | os.PathLike) -> str:
+    """A one-line guess at what ``path`` holds (a directory or a weights file), for error messages."""
+    return inspect_checkpoint(path)[1]
+
+
+def _inspect_dir(path: Path) -> tuple[str, str]:
     if (path / "open_clip_config.json").is_file():
-        return "it is an open_clip model directory (open_clip_config.json)"
+        return "open-clip-dir", "it is an open_clip model directory (open_clip_config.json)"
     if (path / CONFIG).is_file():
         try:
             meta = json.loads((path / CONFIG).read_text())
         except (OSError, ValueError):
-            return f"its {CONFIG} is not valid JSON"
+            return "unknown", f"its {CONFIG} is not valid JSON"
         meta = meta if isinstance(meta, dict) else {}
         if meta.get("model_type") == "clip" or "CLIPModel" in meta.get("architectures", []):
-            return "it is a Hugging Face transformers CLIP directory"
+            return "hf-clip", "it is a Hugging Face transformers CLIP directory"
         kind = meta.get("kind")
-        return f"its {CONFIG} describes a {kind!r} model" if kind else f"its {CONFIG} has no 'kind'"
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        if kind:
+            return "ours", f"its {CONFIG} describes a {kind!r} model"
+        return "unknown", f"its {CONFIG} has no 'kind'"
+    weights = weight_files(path)
     if weights:
-        return f"it has no {CONFIG}; {weights[0].name}: {describe_checkpoint(weights[0])}"
-    return f"it holds no {CONFIG} and no weights file"
+        kind, text = inspect_checkpoint(weights[0])
+        # The CLIP loader takes a directory's weights file as the file itself.
+        return (kind if kind in CLIP_KINDS else "unknown"), f"it has no {CONFIG}; {weights[0].name}: {text}"
+    return "unknown", f"it holds no {CONFIG} and no weights file"
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weights files of a directory, the one to load first: safetensors before pickles, then by name."""
+    return sorted((p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES),
+                  key=lambda p: (p.suffix != ".safetensors", p.name))
 
 
 def _weight_keys(path: Path) -> list[str] | None:
@@ -527,16 +555,16 @@ def read_state_dict(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _describe_keys(keys: list[str]) -> str:
+def _inspect_keys(keys: list[str]) -> tuple[str, str]:
     names = {k.removeprefix("module.") for k in keys}
     if "visual.conv1.weight" in names and any(k.startswith("transformer.resblocks.") for k in names):
         layers = len({k.split(".")[3] for k in names if k.startswith("visual.transformer.resblocks.")})
-        return f"it is an OpenAI CLIP / open_clip ViT state dict ({layers} vision layers)"
+        return "clip-vit", f"it is an OpenAI CLIP / open_clip ViT state dict ({layers} vision layers)"
     if "visual.layer1.0.conv1.weight" in names:
-        return "it is an OpenAI CLIP / open_clip ModifiedResNet state dict"
+        return "clip-resnet", "it is an OpenAI CLIP / open_clip ModifiedResNet state dict"
     if any(k.startswith("visual.trunk.") for k in names):
-        return "it is an open_clip state dict with a timm image tower"
+        return "open-clip-timm", "it is an open_clip state dict with a timm image tower"
     if any(k.startswith("vision_model.") for k in names) and any(k.startswith("text_model.") for k in names):
-        return "it is a Hugging Face transformers CLIP state dict"
+        return "hf-clip", "it is a Hugging Face transformers CLIP state dict"
     sample = ", ".join(sorted(names)[:3])
-    return f"its {len(names)} tensors ({sample}, ...) match no known image-text model"
+    return "unknown", f"its {len(names)} tensors ({sample}, ...) match no known image-text model"
