@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/dvae_train.py --write
 	$(PY) bench/prior_train.py --write
 	$(PY) bench/generate.py --write
+	$(PY) bench/prefill_sharing.py --write
 	$(PY) bench/mfu.py --write
 
 clean:
