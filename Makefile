@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/prior_attention.py
 	$(PY) bench/dvae_train.py --write
 	$(PY) bench/prior_train.py --write
+	$(PY) bench/gemm_bound.py
 	$(PY) bench/generate.py --write
 	$(PY) bench/prefill_sharing.py --write
 	$(PY) bench/mfu.py --write
