@@ -428,11 +428,26 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: 
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
 
 
+def match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every per-element state tensor (Adam's moments) its parameter's memory layout.
+
+    Checkpoints store tensors contiguous, and ``load_state_dict`` keeps that layout, while a channels_last model's
+    convolution weights are not contiguous. The fused optimizer kernels walk a parameter and its state with one
+    layout, so a mismatch would pair the wrong elements after a resume.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
                               sharded: bool) -> None:
     """Inverse of :func:`full_optimizer_state` (when ``sharded``, rank 0 passes the state, the others ``{}``)."""
     if not sharded:
         opt.load_state_dict(state)
+        match_state_layout(opt)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
