@@ -87,7 +87,7 @@ def _ours(batch: int, options: dict) -> dict:
     cfg = dataclasses.replace(preset("tiny-64"), **options)
     model = DVAE(cfg).to(memory_format=torch.channels_last)  # as dalle.training.dvae_task builds it
     ema = EMA(model, 0.999)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as dalle.training.loop builds it
     images = _images(batch).contiguous(memory_format=torch.channels_last)
     x = map_pixels(images)
 

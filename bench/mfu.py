@@ -70,7 +70,7 @@ def _batch(cfg, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor, to
 def _train_step(model, batch, device: str, amp: str):
     decay, no_decay = model.weight_decay_groups()  # as `dalle train` builds it (appendix B.2)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 4.5e-2}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=4.5e-4, betas=(0.9, 0.96), eps=1e-8)
+                            lr=4.5e-4, betas=(0.9, 0.96), eps=1e-8, fused=True)
 
     def step() -> float:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
