@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from _common import THREADS
-
-BATCH, TEXT_LEN, GRID = 16, 32, 8
-DIM, LAYERS, HEADS, HEAD_DIM, MLP = 256, 4, 8, 32, 4
-TEXT_VOCAB, CODES = 1000, 512
+from _common import THREADS, time_calls
+from prior_train import BATCH  # the peer benchmark's batch
 
 
 def linear_gemms(m: int, k: int, n: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -30,22 +26,24 @@ def linear_gemms(m: int, k: int, n: int, dtype: torch.dtype) -> list[tuple[torch
     return [(x, w.t()), (dy, w), (dy.t(), x)]
 
 
-def step_gemms(dtype: torch.dtype) -> tuple[list, list]:
-    tokens = BATCH * (TEXT_LEN + GRID * GRID)
-    inner = HEADS * HEAD_DIM
+def step_gemms(cfg, dtype: torch.dtype) -> tuple[list, list]:
+    """Operand pairs of the 2-D and the batched products of one step of a prior with config ``cfg``."""
+    length = cfg.seq_len
+    tokens, inner, dim = BATCH * length, cfg.n_heads * cfg.head_dim, cfg.dim
+    hidden = int(cfg.mlp_ratio * dim)
     mm = []
-    for _ in range(LAYERS):
-        for k, n in ((DIM, 3 * inner), (inner, DIM), (DIM, MLP * DIM), (MLP * DIM, DIM)):
+    for _ in range(cfg.n_layers):
+        for k, n in ((dim, 3 * inner), (inner, dim), (dim, hidden), (hidden, dim)):
             mm += linear_gemms(tokens, k, n, dtype)
-    mm += linear_gemms(BATCH * (TEXT_LEN - 1), DIM, TEXT_VOCAB + 1, dtype)  # text head (+ the pad class)
-    mm += linear_gemms(BATCH * GRID * GRID, DIM, CODES, dtype)  # image head
-    length = TEXT_LEN + GRID * GRID
-    q, k, v, p = (torch.randn(BATCH * HEADS, *s, dtype=dtype) for s in
-                  ((length, HEAD_DIM), (length, HEAD_DIM), (length, HEAD_DIM), (length, length)))
+    mm += linear_gemms(BATCH * (cfg.text_len - 1), dim, cfg.text_vocab_size + 1, dtype)  # text head (+ pad class)
+    mm += linear_gemms(BATCH * cfg.image_len, dim, cfg.codebook_size, dtype)  # image head
+    d = cfg.head_dim
+    q, k, v, p = (torch.randn(BATCH * cfg.n_heads, *s, dtype=dtype) for s in
+                  ((length, d), (length, d), (length, d), (length, length)))
     # Forward: the scores and the weighted values; backward: dP, dV, dQ, dK.
     one_layer = [(q, k.transpose(1, 2)), (p, v),
                  (q, v.transpose(1, 2)), (p.transpose(1, 2), v), (p, k), (p.transpose(1, 2), q)]
-    return mm, one_layer * LAYERS
+    return mm, one_layer * cfg.n_layers
 
 
 def run(pairs_mm: list, pairs_bmm: list) -> None:
@@ -62,21 +60,16 @@ def main() -> None:
                         help="the peer's dense tokens/s from bench/prior_train.py (default: the recorded 3,646)")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    from dalle.models.transformer import preset
+
     torch.set_num_threads(THREADS)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    mm, bmm = step_gemms(dtype)
+    cfg = preset("tiny")
+    mm, bmm = step_gemms(cfg, dtype)
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in mm)
     flops += sum(2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] for a, b in bmm)
-    for _ in range(3):
-        run(mm, bmm)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run(mm, bmm)
-        times.append(time.perf_counter() - t0)
-    s = statistics.median(times)
-    tokens = BATCH * (TEXT_LEN + GRID * GRID)
-    bound = tokens / s
+    s = statistics.median(time_calls(lambda: run(mm, bmm), args.repeats, warmup=3))
+    bound = BATCH * cfg.seq_len / s
     print(f"{args.dtype}, {THREADS} threads: {len(mm)} GEMMs + {len(bmm)} batched, {flops / 1e9:.1f} GFLOP per step")
     print(f"GEMMs alone: {1e3 * s:.0f} ms per step (median of {args.repeats}), {flops / s / 1e9:.0f} GFLOP/s")
     print(f"throughput bound: {bound:,.0f} tokens/s = {bound / args.peer_tokens_per_s:.2f}x the peer's "

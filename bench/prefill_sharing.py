@@ -19,11 +19,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see generate.py: many small ops per sample
 
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import THREADS, command_line, write_section  # noqa: E402
+from _common import THREADS, command_line, time_calls, write_section  # noqa: E402
 
 CANDIDATES = (8, 16, 32)
 TIMED = 5
@@ -36,14 +35,8 @@ def _captions(n: int, shared: bool, config) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.zeros(n, config.text_len, dtype=torch.bool)
 
 
-def _median_s(fn, timed: int = TIMED) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(timed):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median_s(fn) -> float:
+    return statistics.median(time_calls(fn, TIMED, warmup=1))
 
 
 def measure(schedule: str) -> list[dict]:
