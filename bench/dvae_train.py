@@ -82,7 +82,7 @@ def _ours(batch: int, options: dict) -> dict:
     from dalle.data.transforms import map_pixels
     from dalle.models.dvae import DVAE, preset
     from dalle.training.ema import EMA
-    from dalle.training.losses import dvae_terms
+    from dalle.training.losses import dvae_terms, likelihood_nll
 
     cfg = dataclasses.replace(preset("tiny-64"), **options)
     model = DVAE(cfg).to(memory_format=torch.channels_last)  # as dalle.training.dvae_task builds it
@@ -90,9 +90,10 @@ def _ours(batch: int, options: dict) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as dalle.training.loop builds it
     images = _images(batch).contiguous(memory_format=torch.channels_last)
     x = map_pixels(images)
+    nll = likelihood_nll(cfg.likelihood)  # the preset's, as dalle vae train uses it
 
     def train_step():
-        terms, _, _ = dvae_terms(model.encoder, model.decoder, x, tau=0.5)
+        terms, _, _ = dvae_terms(model.encoder, model.decoder, x, tau=0.5, nll=nll)
         loss = terms.objective(beta=6.6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,7 +104,7 @@ def _ours(batch: int, options: dict) -> dict:
         with torch.inference_mode():
             model.encode(images)
 
-    flops = _forward_flops(lambda: dvae_terms(model.encoder, model.decoder, x[:1], tau=0.5)) * 3
+    flops = _forward_flops(lambda: dvae_terms(model.encoder, model.decoder, x[:1], tau=0.5, nll=nll)) * 3
     params = sum(p.numel() for p in model.parameters())
     return {"config": {**dataclasses.asdict(cfg), "batch": batch}, "params": params, "train_flops_per_image": flops,
             "train": time_calls(train_step, TIMED, WARMUP),

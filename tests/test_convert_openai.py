@@ -1,5 +1,6 @@
 """OpenAI's dVAE ↔ ours: parity with the ``DALL-E`` package, safe loading, ``dalle vae import-openai``."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -46,6 +47,11 @@ def _ours(enc, dec, resolution=SMALL_RES):
     return model
 
 
+def openai_like(name: str) -> DVAEConfig:
+    """A tiny preset with OpenAI's logit-Laplace decoder (the tiny presets' own decoders are Gaussian)."""
+    return dataclasses.replace(preset(name), likelihood="logit-laplace")
+
+
 def test_small_config_is_inferred(openai_pair):
     enc, dec = openai_pair
     config = infer_config(enc.state_dict(), dec.state_dict(), resolution=SMALL_RES)
@@ -81,7 +87,7 @@ def test_paper_size_key_mapping_on_meta(dall_e):
 
 
 def test_round_trip_ours_openai_ours():
-    model = DVAE(preset("tiny-64"))
+    model = DVAE(openai_like("tiny-64"))
     encoder_sd, decoder_sd = ours_to_openai(model)
     assert "blocks.input.w" in encoder_sd and "blocks.output.conv.b" in decoder_sd
     config, state = openai_to_ours(encoder_sd, decoder_sd, resolution=64)
@@ -132,7 +138,7 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
 
 
 def test_state_dict_files_and_bad_files(tmp_path):
-    encoder_sd, _ = ours_to_openai(DVAE(preset("tiny-32")))
+    encoder_sd, _ = ours_to_openai(DVAE(openai_like("tiny-32")))
     torch.save(encoder_sd, tmp_path / "enc.pt")
     save_file({k: v.contiguous() for k, v in encoder_sd.items()}, str(tmp_path / "enc.safetensors"))
     for name in ["enc.pt", "enc.safetensors"]:
@@ -148,8 +154,15 @@ def test_state_dict_files_and_bad_files(tmp_path):
         load_openai_file(tmp_path / "text.pkl")
 
 
+def test_a_gaussian_decoder_is_not_exported_in_openai_format():
+    model = DVAE(DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codebook_size=16, n_init=8,
+                            likelihood="gaussian"))
+    with pytest.raises(UserError, match="gaussian likelihood"):
+        ours_to_openai(model)
+
+
 def test_mismatched_pair_and_wrong_files_are_user_errors():
-    enc_a, dec_a = ours_to_openai(DVAE(preset("tiny-32")))
+    enc_a, dec_a = ours_to_openai(DVAE(openai_like("tiny-32")))
     _, dec_b = ours_to_openai(DVAE(DVAEConfig(resolution=32, n_hid=32, n_blk_per_group=1, n_groups=3,
                                               codebook_size=256, n_init=32)))
     with pytest.raises(UserError, match="512 codes but decoder takes 256"):
@@ -167,7 +180,7 @@ def test_mismatched_pair_and_wrong_files_are_user_errors():
 def test_cli_import_openai_then_reconstruct(tmp_path, capsys):
     from PIL import Image
 
-    model = DVAE(preset("tiny-32"))
+    model = DVAE(openai_like("tiny-32"))
     encoder_sd, decoder_sd = ours_to_openai(model)
     torch.save(encoder_sd, tmp_path / "encoder.pt")
     torch.save(decoder_sd, tmp_path / "decoder.pt")

@@ -1,6 +1,7 @@
 """The stage-1 dVAE: shapes per preset, encode/decode contracts, input checks, save/load, ``dalle vae reconstruct``."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_tiny_presets_shapes_and_contracts(name):
     logits = model.encoder(images)
     assert logits.shape == (2, k, g, g)
     stats = model.decoder(F.softmax(logits, dim=1))
-    assert stats.shape == (2, 6, r, r)
+    assert cfg.likelihood == "gaussian" and stats.shape == (2, 3, r, r)  # the mean pixel (see PRESETS)
     codes = model.encode(images)
     assert codes.shape == (2, g, g) and codes.dtype == torch.int64
     assert int(codes.min()) >= 0 and int(codes.max()) < k
@@ -131,7 +132,7 @@ def test_decode_codes_equals_decoder_on_one_hot(tiny32):
     codes = torch.randint(0, cfg.codebook_size, (3, cfg.grid_size, cfg.grid_size))
     one_hot = F.one_hot(codes, cfg.codebook_size).permute(0, 3, 1, 2).float()  # (B, K, g, g)
     with torch.no_grad():
-        expected = tiny32.decode_stats_to_image(tiny32.decoder(one_hot))
+        expected = tiny32.stats_to_image(tiny32.decoder(one_hot))
     torch.testing.assert_close(tiny32.decode(codes), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -145,10 +146,24 @@ def test_channels_last_gives_the_same_results(tiny32):
     torch.testing.assert_close(nhwc.decode(codes), tiny32.decode(codes), rtol=1e-4, atol=1e-5)
 
 
-def test_decode_stats_to_image_uses_mu_only():
+def test_stats_to_image_uses_mu_only(tiny32):
     stats = torch.zeros(1, 6, 4, 4)
     stats[:, 3:] = 100.0  # ln b must not matter
-    assert torch.allclose(DVAE.decode_stats_to_image(stats), torch.full((1, 3, 4, 4), 0.5))
+    assert torch.allclose(tiny32.stats_to_image(stats), torch.full((1, 3, 4, 4), 0.5))
+
+
+def test_gaussian_decoder_outputs_the_mean_pixel():
+    cfg = dataclasses.replace(preset("tiny-32"), likelihood="gaussian")
+    model = DVAE(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (2, cfg.grid_size, cfg.grid_size))
+    with torch.no_grad():
+        stats = model.decoder.forward_codes(codes)
+    assert stats.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(model.decode(codes), (stats * 0.5 + 0.5).clamp(0, 1))
+    assert torch.equal(model.stats_to_image(torch.tensor([-3.0, -1.0, 0.0, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)),
+                       torch.tensor([0.0, 0.0, 0.5, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2))
+    with pytest.raises(ConfigError, match="likelihood"):
+        dataclasses.replace(cfg, likelihood="poisson")
 
 
 def test_no_silent_casts_in_bfloat16(tiny32):

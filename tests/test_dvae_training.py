@@ -1,6 +1,7 @@
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import signal
 
@@ -118,6 +119,21 @@ def test_training_reduces_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 100  # nats per 16×16 image
 
 
+def test_training_with_the_gaussian_likelihood(tmp_path):
+    out = tmp_path / "run"
+    data = DataConfig(resolution=16, size=40)
+    dvae = DVAETrainConfig(eval_images=16, sample_images=4, likelihood="gaussian", gaussian_sigma=0.2)
+    cfg = TrainConfig(out=out, steps=30, batch_size=8, lr=3e-3, log_every=1, eval_every=30, checkpoint_every=100,
+                      progress=False, tensorboard=False)
+    Trainer(DVAETask(dvae, data, dvae.model_config(16)), cfg).run()
+    losses = [float(r["loss"]) for r in rows(out / "metrics.csv")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 100
+    model = DVAE.from_pretrained(out / "model")
+    assert model.config.likelihood == "gaussian" and model.decoder.blocks.output.conv.n_out == 3
+    (evaluation,) = rows(out / "eval.csv")
+    assert 0 < float(evaluation["mse"]) < 1
+
+
 def test_with_defaults_and_config_for_run():
     cls = with_defaults(TrainConfig, "Probe", lr=0.5, steps=7)
     assert cls().lr == 0.5 and cls().steps == 7 and isinstance(cls(), TrainConfig)
@@ -146,6 +162,25 @@ def test_vae_train_command(tmp_path):
     args = parser.parse_args(argv[:2] + ["--out", str(out), "--resume", "--steps", "5", "--no-progress"])
     assert args.func(args) == 0  # continues the saved run (its options) for two more updates
     assert [r["step"] for r in rows(out / "eval.csv")][-1] == "5"
+
+
+def test_resume_keeps_the_saved_architecture_when_the_preset_changed(tmp_path):
+    # A run saved before the likelihood field existed (its tiny-32 then had a logit-Laplace decoder) must resume with
+    # that decoder, not with today's preset.
+    from dalle.cli import main
+
+    out = tmp_path / "run"
+    argv = ["vae", "train", "--preset", "tiny-32", "--n-hid", "8", "--codebook-size", "16", "--data-resolution", "16",
+            "--data-size", "24", "--batch-size", "8", "--eval-every", "2", "--eval-images", "8", "--no-progress",
+            "--no-tensorboard", "--threads", "1", "--out", str(out)]
+    assert main(argv + ["--steps", "2", "--likelihood", "logit-laplace"]) == 0
+    path = latest_checkpoint(out) / "config.json"  # what --resume reads
+    saved = json.loads(path.read_text())
+    del saved["task"]["model"]["likelihood"], saved["task"]["dvae"]["likelihood"]
+    path.write_text(json.dumps(saved))
+    assert main(argv + ["--steps", "4", "--resume"]) == 0
+    assert DVAE.from_pretrained(out / "model").config.likelihood == "logit-laplace"
+    assert [r["step"] for r in rows(out / "eval.csv")][-1] == "4"
 
 
 @pytest.mark.parametrize("target_std", [1.0, 3.0])

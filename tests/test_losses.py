@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dalle.data.transforms import map_pixels
 from dalle.models.dvae import DVAE, DVAEConfig
 from dalle.training import losses
 
@@ -46,6 +47,26 @@ def test_logit_laplace_density_integrates_to_one():
 def test_logit_laplace_nll_rejects_mismatched_stats():
     with pytest.raises(ValueError, match="do not match"):
         losses.logit_laplace_nll(torch.full((1, 3, 4, 4), 0.5), torch.zeros(1, 3, 4, 4))
+
+
+def test_gaussian_nll_matches_torch_distributions_on_unmapped_pixels():
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    stats = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)  # the mean on a [-1, 1] scale
+    got = losses.gaussian_nll(map_pixels(pixels), stats, sigma=0.1)
+    want = -torch.distributions.Normal(stats * 0.5 + 0.5, 0.1).log_prob(pixels).flatten(1).sum(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="do not match"):
+        losses.gaussian_nll(map_pixels(pixels), torch.zeros(2, 6, 4, 4), sigma=0.1)
+
+
+def test_likelihood_nll_picks_the_decoders_likelihood():
+    x = map_pixels(torch.rand(1, 3, 4, 4))
+    assert losses.likelihood_nll("logit-laplace") is losses.logit_laplace_nll
+    stats = torch.zeros(1, 3, 4, 4)
+    assert torch.equal(losses.likelihood_nll("gaussian", 0.2)(x, stats), losses.gaussian_nll(x, stats, 0.2))
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        losses.likelihood_nll("poisson")
 
 
 def test_kl_to_uniform_matches_torch_distributions():
@@ -108,3 +129,14 @@ def test_dvae_terms_relaxed_and_true():
     # the true bound decodes exactly the argmax codes: the same statistics as decoding the codes directly
     assert torch.allclose(stats2, model.decoder.forward_codes(logits.argmax(1)), atol=1e-5)
     assert np.isfinite(relaxed.nll.detach().numpy()).all()
+
+
+def test_dvae_terms_with_the_gaussian_decoder():
+    cfg = DVAEConfig(resolution=16, n_hid=8, n_blk_per_group=1, n_groups=2, codebook_size=16, n_init=8,
+                     likelihood="gaussian")
+    model = DVAE(cfg)
+    x = 0.1 + 0.8 * torch.rand(2, 3, 16, 16)
+    nll = losses.likelihood_nll("gaussian", 0.1)
+    true, logits, stats = losses.dvae_terms(model.encoder, model.decoder, x, None, nll=nll)
+    assert stats.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(true.nll, losses.gaussian_nll(x, stats, 0.1))

@@ -66,19 +66,24 @@ def register(vae_sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from dalle.commands._training import RunOptions, finish
-    from dalle.models.dvae import PRESETS
+    from dalle.config import from_dict
+    from dalle.models.dvae import PRESETS, DVAEConfig
     from dalle.training.dvae_task import DVAETask, DVAETrainConfig, DVAETrainLoopConfig
     from dalle.training.loop import Trainer
 
     run = RunOptions(args, DVAETrainLoopConfig)
     dvae = run.task(DVAETrainConfig, "dvae")
+    model = None
     if run.saved is not None:
         data = run.task(DataConfig, "data", prefix="data_")
+        # The architecture the checkpoints were written with, not today's preset (presets may change between
+        # versions; a config saved before a field existed gets that field's default, e.g. the logit-Laplace decoder).
+        model = from_dict(DVAEConfig, run.saved["task"]["model"])
     else:
         # The preset fixes the image size unless --data-resolution is given (the model is fully convolutional).
         preset_size = {} if hasattr(args, "data_resolution") else {"resolution": PRESETS[dvae.preset].resolution}
         data = from_args(DataConfig, args, "data_", **preset_size)
-    result = Trainer(DVAETask(dvae, data), run.train).run()
+    result = Trainer(DVAETask(dvae, data, model), run.train).run()
     return finish(result, lambda e: f"val PSNR {e['psnr']:.2f} dB, MSE {e['mse']:.5f}, true ELB "
                   f"{e['true_elb']:.1f} nats, codebook perplexity {e['perplexity']:.1f}, codes used {e['codes_used']}")
 

@@ -164,4 +164,7 @@ def openai_to_ours(encoder_sd: Mapping[str, torch.Tensor], decoder_sd: Mapping[s
 
 def ours_to_openai(model: DVAE) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Our model → OpenAI's ``(encoder_sd, decoder_sd)``, loadable into ``dall_e.Encoder`` / ``dall_e.Decoder``."""
+    if model.config.likelihood != "logit-laplace":
+        raise UserError(f"OpenAI's decoder outputs the logit-Laplace's μ and ln b; this model was trained with the "
+                        f"{model.config.likelihood} likelihood, so its decoder cannot be written in that format")
     return dict(model.encoder.state_dict()), dict(model.decoder.state_dict())

@@ -5,8 +5,9 @@ The architecture is the one OpenAI released (``DALL-E`` package; paper §2.1 and
 * **encoder** — 7×7 input conv → ``n_groups`` groups of ``n_blk_per_group`` resblocks with widths
   ``n_hid·(1, 2, 4, 8)``, a 2×2 max-pool between groups → ReLU + 1×1 conv to ``codebook_size`` logits;
 * **decoder** — 1×1 conv from the (one-hot or relaxed) codes to ``n_init`` channels → the groups in reverse with
-  nearest ×2 up-sampling between them → ReLU + 1×1 conv to 6 channels: μ and ln b of the logit-Laplace
-  likelihood for each colour channel.
+  nearest ×2 up-sampling between them → ReLU + 1×1 conv to the statistics of the likelihood: with the paper's
+  ``logit-laplace``, 6 channels, μ and ln b for each colour channel; with ``gaussian`` (``DVAEConfig.likelihood``, our
+  addition for small runs on flat-background images), 3 channels, the mean pixel on a [-1, 1] scale.
 
 Module and parameter names (``blocks.group_1.block_2.res_path.conv_3.w``) are OpenAI's, so their state dicts load
 1:1 (see :mod:`dalle.models.convert`). The model holds architecture only: precision, memory format, activation
@@ -34,6 +35,7 @@ from dalle.errors import UserError
 
 KIND = "dvae"
 WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # group widths as multiples of n_hid, in encoder order
+LIKELIHOODS = ("logit-laplace", "gaussian")
 ENCODER_KERNELS = (3, 3, 3, 1)    # res_path conv sizes; the decoder mirrors them
 DECODER_KERNELS = (1, 3, 3, 3)
 
@@ -47,6 +49,10 @@ class DVAEConfig:
     codebook_size: int = option(8192, "number of codes K in the visual codebook")
     n_init: int = option(128, "width of the decoder's first 1x1 conv from the K code channels")
     in_channels: int = option(3, "image channels")
+    likelihood: str = option("logit-laplace", "what the decoder's output parameterises: logit-laplace = the paper's "
+                             "(μ and ln b per channel, OpenAI's decoder); gaussian = the mean pixel of a Gaussian of "
+                             "fixed σ (learns colours far faster on flat backgrounds, see bench/RESULTS.md)",
+                             choices=LIKELIHOODS)
 
     def __post_init__(self) -> None:
         check(1 <= self.n_groups <= len(WIDTH_MULTIPLIERS), self, "n_groups",
@@ -57,6 +63,7 @@ class DVAEConfig:
         check(self.codebook_size >= 2, self, "codebook_size", "must be at least 2")
         check(self.n_init >= 1, self, "n_init", "must be at least 1")
         check(self.in_channels >= 1, self, "in_channels", "must be at least 1")
+        check(self.likelihood in LIKELIHOODS, self, "likelihood", f"must be one of {', '.join(LIKELIHOODS)}")
         factor = self.downsample_factor
         check(self.resolution >= factor and self.resolution % factor == 0, self, "resolution",
               f"must be a positive multiple of the down-sampling factor {factor} (2 ** (n_groups - 1))")
@@ -76,6 +83,11 @@ class DVAEConfig:
         return tuple(self.n_hid * m for m in WIDTH_MULTIPLIERS[: self.n_groups])
 
     @property
+    def stats_channels(self) -> int:
+        """Channels of the decoder's output: μ and ln b per image channel (logit-Laplace), or the mean (Gaussian)."""
+        return 2 * self.in_channels if self.likelihood == "logit-laplace" else self.in_channels
+
+    @property
     def n_layers(self) -> int:
         """Resblocks per network, which sets post_gain = 1 / n_layers ** 2."""
         return self.n_groups * self.n_blk_per_group
@@ -84,9 +96,13 @@ class DVAEConfig:
 PRESETS: dict[str, DVAEConfig] = {
     # Paper §2.1: 256×256 → 32×32 codes, K = 8192; encoder 53.8M and decoder 43.8M parameters.
     "paper": DVAEConfig(),
-    # CPU-sized models with the same structure: 64 px with 3 max-pools, and 32 px with 2 (both give an 8×8 grid).
-    "tiny-64": DVAEConfig(resolution=64, n_hid=32, n_blk_per_group=1, n_groups=4, codebook_size=512, n_init=32),
-    "tiny-32": DVAEConfig(resolution=32, n_hid=32, n_blk_per_group=1, n_groups=3, codebook_size=512, n_init=32),
+    # CPU-sized models with the same structure: 64 px with 3 max-pools, and 32 px with 2 (both give an 8×8 grid). Their
+    # decoders are Gaussian: in runs of a few thousand updates on flat-background images the logit-Laplace's learned
+    # per-pixel scale sharpened the background and lost the objects' colours (bench/RESULTS.md, "dVAE likelihood").
+    "tiny-64": DVAEConfig(resolution=64, n_hid=32, n_blk_per_group=1, n_groups=4, codebook_size=512, n_init=32,
+                          likelihood="gaussian"),
+    "tiny-32": DVAEConfig(resolution=32, n_hid=32, n_blk_per_group=1, n_groups=3, codebook_size=512, n_init=32,
+                          likelihood="gaussian"),
 }
 
 
@@ -183,7 +199,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """``(B, K, g, g)`` one-hot or relaxed codes → ``(B, 2C, H, W)`` statistics: ``[:, :C]`` = μ, ``[:, C:]`` = ln b."""
+    """``(B, K, g, g)`` one-hot or relaxed codes → ``(B, S, H, W)`` statistics (``S = config.stats_channels``):
+    logit-Laplace ``[:, :C]`` = μ, ``[:, C:]`` = ln b; Gaussian: the mean on a [-1, 1] scale."""
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
@@ -200,13 +217,13 @@ class Decoder(nn.Module):
             if g < len(widths):
                 group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
             blocks[f"group_{g}"] = nn.Sequential(group)
-        blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv2d(n_in, 2 * config.in_channels, 1)))
+        blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv2d(n_in, config.stats_channels, 1)))
         self.blocks = nn.Sequential(blocks)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c = self.config
         _check_input(z, "Decoder", c.codebook_size, c.grid_size, self.blocks.input.w.dtype)
-        return self.blocks(z)  # (B, 2C, H, W)
+        return self.blocks(z)  # (B, S, H, W)
 
     def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Same as ``forward(one_hot(codes))`` without building the ``(B, K, g, g)`` one-hot tensor.
@@ -230,7 +247,7 @@ class Decoder(nn.Module):
         for name, module in self.blocks.named_children():
             if name != "input":
                 h = module(h)
-        return h  # (B, 2C, H, W)
+        return h  # (B, S, H, W)
 
 
 class DVAE(nn.Module):
@@ -258,12 +275,14 @@ class DVAE(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """``(B, g, g)`` integer codes → ``(B, C, H, W)`` images in [0, 1]."""
-        return self.decode_stats_to_image(self.decoder.forward_codes(codes))
+        return self.stats_to_image(self.decoder.forward_codes(codes))
 
-    @staticmethod
-    def decode_stats_to_image(stats: torch.Tensor) -> torch.Tensor:
-        """Decoder statistics → images in [0, 1]: ``unmap(sigmoid(μ))`` of the logit-Laplace (paper appendix A.3)."""
-        mu = stats[:, : stats.shape[1] // 2]  # (B, C, H, W)
+    def stats_to_image(self, stats: torch.Tensor) -> torch.Tensor:
+        """Decoder statistics → images in [0, 1]: ``unmap(sigmoid(μ))`` of the logit-Laplace (paper appendix A.3), or
+        the Gaussian's mean moved from [-1, 1] to [0, 1]; both clamped."""
+        mu = stats[:, : self.config.in_channels]  # (B, C, H, W)
+        if self.config.likelihood == "gaussian":
+            return (mu * 0.5 + 0.5).clamp(0, 1)
         return unmap_pixels(torch.sigmoid(mu))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

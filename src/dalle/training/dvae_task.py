@@ -29,11 +29,11 @@ from dalle.data.config import DataConfig
 from dalle.data.loader import make_loader, training_epoch
 from dalle.data.records import SkipStats
 from dalle.data.transforms import map_pixels, to_float, to_uint8
-from dalle.models.dvae import DVAE, PRESETS, DVAEConfig, ResBlock
+from dalle.models.dvae import DVAE, LIKELIHOODS, PRESETS, DVAEConfig, ResBlock
 from dalle.training.code_restarts import CodeRestarts
 from dalle.training.config import TrainConfig, with_defaults
 from dalle.training.loop import Task
-from dalle.training.losses import bits_per_dim, code_usage, dvae_terms, psnr
+from dalle.training.losses import bits_per_dim, code_usage, dvae_terms, likelihood_nll, psnr
 from dalle.training.schedules import cosine, linear, schedule_steps
 
 PAPER_TAU_END = 1 / 16
@@ -54,6 +54,10 @@ class DVAETrainConfig:
     preset: str = option("tiny-64", "dVAE architecture preset", choices=tuple(PRESETS))
     codebook_size: int | None = option(None, "number of codes K (default: the preset's)")
     n_hid: int | None = option(None, "encoder base width (default: the preset's)")
+    likelihood: str | None = option(None, "the decoder's likelihood (default: the preset's): logit-laplace (the "
+                                    "paper's) or gaussian (fixed σ; see --gaussian-sigma)", choices=LIKELIHOODS)
+    gaussian_sigma: float = option(0.1, "with the gaussian likelihood: its standard deviation on the [0, 1] pixel "
+                                   "scale, which also sets how much the KL weighs against the reconstruction")
     tau_start: float = option(1.0, "Gumbel-softmax temperature at the start (paper: 1)")
     tau_end: float = option(PAPER_TAU_END, "temperature at the end of the annealing (paper: 1/16)")
     tau_steps: int | None = option(None, "length of the cosine annealing of the temperature in updates "
@@ -87,6 +91,9 @@ class DVAETrainConfig:
         check(self.codebook_size is None or self.codebook_size >= 2, self, "codebook_size", "must be at least 2")
         check(self.n_hid is None or (self.n_hid >= 4 and self.n_hid % 4 == 0), self, "n_hid",
               "must be a positive multiple of 4")
+        check(self.likelihood is None or self.likelihood in LIKELIHOODS, self, "likelihood",
+              f"must be one of {', '.join(LIKELIHOODS)}")
+        check(self.gaussian_sigma > 0, self, "gaussian_sigma", "must be positive")
         check(self.tau_start > 0, self, "tau_start", "must be positive")
         check(0 < self.tau_end <= self.tau_start, self, "tau_end", "must be in (0, tau_start]")
         check(self.tau_steps is None or self.tau_steps >= 0, self, "tau_steps", "must be >= 0")
@@ -104,7 +111,7 @@ class DVAETrainConfig:
     def model_config(self, resolution: int | None = None) -> DVAEConfig:
         """The preset with this config's overrides (and the data's resolution, when given)."""
         overrides = {k: v for k, v in (("codebook_size", self.codebook_size), ("n_hid", self.n_hid),
-                                       ("resolution", resolution)) if v is not None}
+                                       ("likelihood", self.likelihood), ("resolution", resolution)) if v is not None}
         return dataclasses.replace(PRESETS[self.preset], **overrides)
 
 
@@ -119,6 +126,7 @@ class DVAETask(Task):
         self.stats = SkipStats()
         self._val: torch.Tensor | None = None
         self.restarts: CodeRestarts | None = None
+        self.nll = likelihood_nll(self.model_cfg.likelihood, dvae.gaussian_sigma)
 
     def config(self) -> dict[str, Any]:
         return {"model": to_dict(self.model_cfg), "dvae": to_dict(self.dvae), "data": to_dict(self.data)}
@@ -174,7 +182,7 @@ class DVAETask(Task):
         x = self._model_input(self._pixels(batch["images"]))  # (B, 3, H, W) in [ε, 1 − ε]
         tau, beta = self.tau(step), self.beta(step)
         restarted = self.restarts(step, model.encoder, model.decoder) if self.restarts is not None else 0
-        terms, logits, _ = dvae_terms(model.encoder, model.decoder, x, tau)
+        terms, logits, _ = dvae_terms(model.encoder, model.decoder, x, tau, nll=self.nll)
         perplexity, used = code_usage(logits.detach().argmax(1), self.model_cfg.codebook_size)
         nll, kl = terms.nll.detach().mean(), terms.kl.detach().mean()
         metrics = {"nll": nll, "kl": kl, "bpd": bits_per_dim(nll, x[0].numel()), "relaxed_elb": -(nll + kl),
@@ -199,9 +207,9 @@ class DVAETask(Task):
         for i in range(0, len(images), self.cfg.batch_size):
             x01 = self._pixels(images[i:i + self.cfg.batch_size])  # (B, 3, H, W)
             x = self._model_input(x01, gen)
-            relaxed, _, _ = dvae_terms(model.encoder, model.decoder, x, tau, gen)
-            true, logits, stats = dvae_terms(model.encoder, model.decoder, x, None)
-            recon = DVAE.decode_stats_to_image(stats)  # (B, 3, H, W)
+            relaxed, _, _ = dvae_terms(model.encoder, model.decoder, x, tau, gen, self.nll)
+            true, logits, stats = dvae_terms(model.encoder, model.decoder, x, None, nll=self.nll)
+            recon = model.stats_to_image(stats)  # (B, 3, H, W)
             codes.append(logits.argmax(1))
             batch = {"mse": (recon - x01).pow(2).flatten(1).mean(1), "psnr": psnr(x01, recon),
                      "relaxed_elb": relaxed.elb, "true_elb": true.elb, "nll": true.nll, "kl": true.kl}

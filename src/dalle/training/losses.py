@@ -5,12 +5,16 @@ Conventions: every term is summed over its own elements (pixels × channels for 
 KL) and returned per image, in nats, so that the ELB means what the paper means by it. ``bits_per_dim`` divides by the
 number of pixel values and ln 2. The likelihood is the continuous density of the *mapped* pixels x ∈ [ε, 1 − ε], so
 its NLL (and bits/dim) can go below zero once the decoder is sharp; compare runs by it, not with discrete-data bpd.
+The Gaussian alternative (fixed σ, on the [0, 1] pixel scale) is a density of other units: compare ELBs only between
+runs of one likelihood.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,29 @@ def logit_laplace_nll(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     nll = (math.log(2.0) + log_b + torch.log(x) + torch.log1p(-x)
            + (torch.logit(x) - mu).abs() * torch.exp(-log_b))  # (B, C, H, W)
     return nll.flatten(1).sum(1)  # (B,)
+
+
+def gaussian_nll(x: torch.Tensor, stats: torch.Tensor, sigma: float) -> torch.Tensor:
+    """−ln N(pixel | mean, σ²) per image, summed over channels and pixels, on the [0, 1] pixel scale.
+
+    ``x``: ``(B, C, H, W)`` pixels mapped to [ε, 1 − ε] (as for the logit-Laplace; the mapping is undone here);
+    ``stats``: ``(B, C, H, W)`` the decoder's mean on a [-1, 1] scale; ``sigma``: the fixed standard deviation.
+    """
+    if stats.shape != x.shape:
+        raise ValueError(f"decoder stats {tuple(stats.shape)} do not match images {tuple(x.shape)}")
+    pixels = (x.float() - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)  # (B, C, H, W) in [0, 1]
+    mean = stats.float() * 0.5 + 0.5
+    nll = (pixels - mean).pow(2) / (2 * sigma**2) + math.log(sigma * math.sqrt(2 * math.pi))  # (B, C, H, W)
+    return nll.flatten(1).sum(1)  # (B,)
+
+
+def likelihood_nll(likelihood: str, sigma: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-image NLL ``f(x, stats)`` of a decoder whose output parameterises ``likelihood`` (``DVAEConfig``)."""
+    if likelihood == "logit-laplace":
+        return logit_laplace_nll
+    if likelihood == "gaussian":
+        return functools.partial(gaussian_nll, sigma=sigma)
+    raise ValueError(f"unknown likelihood {likelihood!r}")
 
 
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
@@ -84,16 +111,19 @@ class ELBTerms:
 
 
 def dvae_terms(encoder: torch.nn.Module, decoder: torch.nn.Module, x: torch.Tensor, tau: float | None,
-               generator: torch.Generator | None = None) -> tuple[ELBTerms, torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None,
+               nll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = logit_laplace_nll,
+               ) -> tuple[ELBTerms, torch.Tensor, torch.Tensor]:
     """Run the dVAE on mapped pixels ``x`` and return (terms, encoder logits, decoder stats).
 
     ``tau`` = a temperature: the decoder sees a Gumbel-softmax sample (the *relaxed* bound, what training optimises);
     ``tau`` = None: it sees the one-hot argmax codes (the *true* bound of the codes the prior will model).
+    ``nll``: the decoder's likelihood (:func:`likelihood_nll`), the paper's logit-Laplace by default.
     """
     logits = encoder(x)  # (B, K, g, g)
     z = hard_one_hot(logits) if tau is None else gumbel_softmax(logits, tau, generator)  # (B, K, g, g)
     stats = decoder(z)  # (B, 2C, H, W)
-    return ELBTerms(logit_laplace_nll(x, stats), kl_to_uniform(logits)), logits, stats
+    return ELBTerms(nll(x, stats), kl_to_uniform(logits)), logits, stats
 
 
 def code_usage(codes: torch.Tensor, codebook_size: int) -> tuple[float, int]:
