@@ -98,7 +98,8 @@ PRESETS: dict[str, DVAEConfig] = {
     "paper": DVAEConfig(),
     # CPU-sized models with the same structure: 64 px with 3 max-pools, and 32 px with 2 (both give an 8×8 grid). Their
     # decoders are Gaussian: in runs of a few thousand updates on flat-background images the logit-Laplace's learned
-    # per-pixel scale sharpened the background and lost the objects' colours (bench/RESULTS.md, "dVAE likelihood").
+    # per-pixel scale sharpened the background and lost the objects' colours (bench/RESULTS.md, "The cause: the
+    # logit-Laplace's learned scale").
     "tiny-64": DVAEConfig(resolution=64, n_hid=32, n_blk_per_group=1, n_groups=4, codebook_size=512, n_init=32,
                           likelihood="gaussian"),
     "tiny-32": DVAEConfig(resolution=32, n_hid=32, n_blk_per_group=1, n_groups=3, codebook_size=512, n_init=32,

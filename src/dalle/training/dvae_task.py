@@ -1,7 +1,8 @@
 """Stage 1 as a :class:`~dalle.training.loop.Task`: the paper's dVAE recipe (section 2.1, appendix A.2).
 
-Loss: the ELB with the KL weighted by β, NLL + β·KL per image in nats (logit-Laplace likelihood of the mapped pixels,
-KL of the encoder's categorical to a uniform prior over the K codes), with the decoder fed a Gumbel-softmax sample at
+Loss: the ELB with the KL weighted by β, NLL + β·KL per image in nats (the decoder's likelihood, the paper's
+logit-Laplace or the tiny presets' Gaussian, see :data:`dalle.models.dvae.LIKELIHOODS`; KL of the encoder's categorical
+to a uniform prior over the K codes), with the decoder fed a Gumbel-softmax sample at
 temperature τ. τ follows a cosine from 1 to 1/16 and β a linear ramp from 0 to 6.6; both lengths scale with the run (see
 :class:`DVAETrainConfig`). The trainer adds Adam, the cosine learning rate and the EMA of the weights.
 
