@@ -87,3 +87,8 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
 def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
     """Inverse of :func:`map_pixels`, clamped to [0, 1]."""
     return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+
+def signed_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1], not clamped: the Gaussian dVAE decoder's mean as a pixel value."""
+    return x * 0.5 + 0.5

@@ -30,7 +30,7 @@ from torch import nn
 
 from dalle.checkpoint import load_model_dir, save_model_dir
 from dalle.config import check, from_dict, option, to_dict
-from dalle.data.transforms import map_pixels, unmap_pixels
+from dalle.data.transforms import map_pixels, signed_to_unit, unmap_pixels
 from dalle.errors import UserError
 
 KIND = "dvae"
@@ -283,7 +283,7 @@ class DVAE(nn.Module):
         the Gaussian's mean moved from [-1, 1] to [0, 1]; both clamped."""
         mu = stats[:, : self.config.in_channels]  # (B, C, H, W)
         if self.config.likelihood == "gaussian":
-            return (mu * 0.5 + 0.5).clamp(0, 1)
+            return signed_to_unit(mu).clamp(0, 1)
         return unmap_pixels(torch.sigmoid(mu))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

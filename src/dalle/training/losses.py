@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dalle.data.transforms import LOGIT_LAPLACE_EPS
+from dalle.data.transforms import LOGIT_LAPLACE_EPS, signed_to_unit, unmap_pixels
 
 
 def logit_laplace_nll(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,8 @@ def gaussian_nll(x: torch.Tensor, stats: torch.Tensor, sigma: float) -> torch.Te
     """
     if stats.shape != x.shape:
         raise ValueError(f"decoder stats {tuple(stats.shape)} do not match images {tuple(x.shape)}")
-    pixels = (x.float() - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)  # (B, C, H, W) in [0, 1]
-    mean = stats.float() * 0.5 + 0.5
+    pixels = unmap_pixels(x.float())  # (B, C, H, W) in [0, 1]
+    mean = signed_to_unit(stats.float())
     nll = (pixels - mean).pow(2) / (2 * sigma**2) + math.log(sigma * math.sqrt(2 * math.pi))  # (B, C, H, W)
     return nll.flatten(1).sum(1)  # (B,)
 
