@@ -152,13 +152,15 @@ def test_vae_train_command(tmp_path):
     parser = argparse.ArgumentParser()
     vae_train.register(add_group(parser.add_subparsers(), "vae", "dVAE"))
     out = tmp_path / "run"
-    argv = ["vae", "train", "--preset", "tiny-32", "--n-hid", "8", "--codebook-size", "16", "--data-resolution", "16",
-            "--data-size", "24", "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--eval-images", "8",
-            "--no-progress", "--no-tensorboard", "--out", str(out)]
+    argv = ["vae", "train", "--preset", "tiny-32", "--n-hid", "8", "--codebook-size", "16", "--n-groups", "2",
+            "--n-blk-per-group", "2", "--data-resolution", "16", "--data-size", "24", "--steps", "3",
+            "--batch-size", "8", "--eval-every", "3", "--eval-images", "8", "--no-progress", "--no-tensorboard",
+            "--out", str(out)]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     model = DVAE.from_pretrained(out / "model")
     assert (model.config.resolution, model.config.codebook_size, model.config.n_hid) == (16, 16, 8)
+    assert (model.config.n_groups, model.config.n_blk_per_group, model.config.grid_size) == (2, 2, 8)
     args = parser.parse_args(argv[:2] + ["--out", str(out), "--resume", "--steps", "5", "--no-progress"])
     assert args.func(args) == 0  # continues the saved run (its options) for two more updates
     assert [r["step"] for r in rows(out / "eval.csv")][-1] == "5"

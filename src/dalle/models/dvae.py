@@ -104,6 +104,11 @@ PRESETS: dict[str, DVAEConfig] = {
                           likelihood="gaussian"),
     "tiny-32": DVAEConfig(resolution=32, n_hid=32, n_blk_per_group=1, n_groups=3, codebook_size=512, n_init=32,
                           likelihood="gaussian"),
+    # 64 px with 2 max-pools: a 16×16 grid, so a small shapes object spans about three cells rather than one and a
+    # half (about six at the paper's 256 px / 32×32); it keeps twice tiny-64's share of shapes at equal updates
+    # (bench/RESULTS.md, "The code grid, and bf16 on CPU").
+    "tiny-64-16": DVAEConfig(resolution=64, n_hid=32, n_blk_per_group=1, n_groups=3, codebook_size=512, n_init=32,
+                             likelihood="gaussian"),
 }
 
 

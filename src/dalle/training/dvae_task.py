@@ -30,7 +30,7 @@ from dalle.data.config import DataConfig
 from dalle.data.loader import make_loader, training_epoch
 from dalle.data.records import SkipStats
 from dalle.data.transforms import map_pixels, to_float, to_uint8
-from dalle.models.dvae import DVAE, LIKELIHOODS, PRESETS, DVAEConfig, ResBlock
+from dalle.models.dvae import DVAE, LIKELIHOODS, PRESETS, WIDTH_MULTIPLIERS, DVAEConfig, ResBlock
 from dalle.training.code_restarts import CodeRestarts
 from dalle.training.config import TrainConfig, with_defaults
 from dalle.training.loop import Task
@@ -55,6 +55,9 @@ class DVAETrainConfig:
     preset: str = option("tiny-64", "dVAE architecture preset", choices=tuple(PRESETS))
     codebook_size: int | None = option(None, "number of codes K (default: the preset's)")
     n_hid: int | None = option(None, "encoder base width (default: the preset's)")
+    n_groups: int | None = option(None, "groups of resblocks (default: the preset's); the image is down-sampled "
+                                  "2 ** (n_groups - 1) times per side, so one group fewer doubles the code grid")
+    n_blk_per_group: int | None = option(None, "resblocks per group (default: the preset's)")
     likelihood: str | None = option(None, "the decoder's likelihood (default: the preset's): logit-laplace (the "
                                     "paper's) or gaussian (fixed σ; see --gaussian-sigma)", choices=LIKELIHOODS)
     gaussian_sigma: float = option(0.1, "with the gaussian likelihood: its standard deviation on the [0, 1] pixel "
@@ -92,6 +95,9 @@ class DVAETrainConfig:
         check(self.codebook_size is None or self.codebook_size >= 2, self, "codebook_size", "must be at least 2")
         check(self.n_hid is None or (self.n_hid >= 4 and self.n_hid % 4 == 0), self, "n_hid",
               "must be a positive multiple of 4")
+        check(self.n_groups is None or 1 <= self.n_groups <= len(WIDTH_MULTIPLIERS), self, "n_groups",
+              f"must be between 1 and {len(WIDTH_MULTIPLIERS)}")
+        check(self.n_blk_per_group is None or self.n_blk_per_group >= 1, self, "n_blk_per_group", "must be at least 1")
         check(self.likelihood is None or self.likelihood in LIKELIHOODS, self, "likelihood",
               f"must be one of {', '.join(LIKELIHOODS)}")
         check(self.gaussian_sigma > 0, self, "gaussian_sigma", "must be positive")
@@ -112,6 +118,7 @@ class DVAETrainConfig:
     def model_config(self, resolution: int | None = None) -> DVAEConfig:
         """The preset with this config's overrides (and the data's resolution, when given)."""
         overrides = {k: v for k, v in (("codebook_size", self.codebook_size), ("n_hid", self.n_hid),
+                                       ("n_groups", self.n_groups), ("n_blk_per_group", self.n_blk_per_group),
                                        ("likelihood", self.likelihood), ("resolution", resolution)) if v is not None}
         return dataclasses.replace(PRESETS[self.preset], **overrides)
 
