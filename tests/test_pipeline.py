@@ -6,6 +6,8 @@ import shutil
 import pytest
 
 from dalle.cli import main
+from dalle.commands import pipeline
+from dalle.commands.pipeline import PipelineConfig
 
 TINY = ["--dvae-steps", "2", "--dvae-batch-size", "4", "--size", "16", "--vocab-size", "300", "--reranker-steps", "2",
         "--reranker-batch-size", "4", "--prior-steps", "2", "--prior-batch-size", "4",
@@ -46,6 +48,23 @@ def test_pipeline_runs_every_stage_and_ends_with_the_report(finished):
     assert f"report: {out / 'eval' / 'report.html'}" in tail
     assert "Fréchet distance (our reranker's image encoder features)" in tail and "compositional accuracy" in tail
     assert "FID" not in first
+    # Every training stage ran at the precision the pipeline resolved for this machine.
+    amp = PipelineConfig().amp_args()[1]
+    for stage in ("dvae", "prior", "reranker"):
+        assert json.loads((out / stage / "config.json").read_text())["train"]["amp"] == amp
+
+
+@pytest.mark.parametrize("given, native, expected", [("auto", True, "bf16"), ("auto", False, "none"),
+                                                     ("none", True, "none"), ("bf16", False, "bf16")])
+def test_pipeline_amp_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, given, native, expected):
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
+    cfg = PipelineConfig(amp=given)
+    assert cfg.amp_args() == ["--amp", expected]
+    trained = [s for s in pipeline.STAGES if s.name in ("dVAE", "prior", "reranker")]
+    assert len(trained) == 3
+    for stage in trained:
+        argv = stage.argv(cfg)[0]
+        assert argv[argv.index("--amp") + 1] == expected
 
 
 def test_pipeline_skips_finished_stages_and_still_prints_the_summary(finished, tmp_path, capsys):
@@ -82,3 +101,6 @@ def test_pipeline_bad_option_is_a_clean_error(tmp_path, capsys):
     assert "dvae_steps" in capsys.readouterr().err
     assert main(["pipeline", "--out", str(tmp_path), "--eval-features", "inception"]) == 2
     assert "inception_weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own one-line "invalid choice"
+        main(["pipeline", "--out", str(tmp_path), "--amp", "fp8"])
+    assert exit_.value.code == 2 and "--amp" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from torch import nn
 from dalle.models.transformer import PriorTransformer, preset
 from dalle.training.config import TrainConfig
 from dalle.training.loop import Task, Trainer
-from dalle.training.precision import GradScaling, autocast_dtype, scale_grad
+from dalle.training.precision import GradScaling, autocast_dtype, native_bf16, scale_grad
 
 
 def test_scale_grad_is_identity_forward_and_scales_backward():
@@ -200,3 +200,15 @@ def test_trainer_fp16_with_block_scales_and_activation_checkpointing(tmp_path, d
     # The scales are in the checkpoint: a resumed fp16 run continues with them.
     resumed = _run(tmp_path, "fp16", device=device, amp="fp16", resume=True, steps=6)
     assert len(resumed) == 6 and math.isfinite(float(resumed[-1]["loss"]))
+
+
+def test_native_bf16_reads_the_cpu_features(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not native_bf16(torch.device("cpu"))  # AVX2 or plain AVX512: oneDNN would emulate bf16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16(torch.device("cpu"))
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert not native_bf16(torch.device("cpu"))  # a torch without the probes: fp32, never an AttributeError
+    assert not native_bf16(torch.device("meta"))

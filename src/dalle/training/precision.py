@@ -46,6 +46,17 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware: a CUDA GPU with bf16, or an x86 CPU with
+    AVX512-BF16 or AMX. Elsewhere (AVX2, or AVX512 without BF16) oneDNN emulates bf16 and it can be slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers: guard their absence
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 class _Probe:
     """Whether every gradient that passed one point of the backward pass was finite (a device tensor: no sync)."""
 
