@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "dalle.commands.reranker",
     "dalle.commands.generate",
     "dalle.commands.eval",
+    "dalle.commands.serve",
 ]
 
 

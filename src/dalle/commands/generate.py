@@ -35,7 +35,9 @@ SHEET_MIN_SIDE = 128  # images smaller than this are enlarged (nearest neighbour
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class ModelsConfig:
+    """Where a command that draws images (generate, complete, serve) finds its models, and where it runs them."""
+
     run: Path | None = option(None, "run directory of `dalle pipeline` (RUN/tokenizer, RUN/dvae/model, "
                               "RUN/prior/model, RUN/reranker/model); or give the parts below")
     prior: Path | None = option(None, "prior model directory (default: RUN/prior/model)")
@@ -48,9 +50,6 @@ class GenerateConfig:
     clip_activation: str | None = clip_options.clip_activation()
     rerank: bool = option(True, "score the draws with the reranker (if any) and keep the best; --no-rerank keeps "
                           "the first draws")
-    n: int = option(8, "candidates drawn per caption (the paper: 512)")
-    keep: int | None = option(None, "images kept per caption, best first (default: min(n, 8))")
-    out: Path = option(Path("samples"), "output directory")
     batch_size: int = option(16, "(caption, candidate) rows sampled at once; bounds memory")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice; on a busy 2-core machine one "
@@ -59,13 +58,24 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         check(self.run is not None or (self.prior is not None and self.dvae is not None), self, "run",
               "is required unless both --prior and --dvae are given")
-        for name in ("run", "prior", "dvae", "tokenizer", "reranker", "clip_vocab", "out"):
+        for name in ("run", "prior", "dvae", "tokenizer", "reranker", "clip_vocab"):
             value = getattr(self, name)
             setattr(self, name, Path(value) if value is not None else None)
-        check(self.n >= 1, self, "n", "must be at least 1")
-        check(self.keep is None or 1 <= self.keep <= self.n, self, "keep", f"must be between 1 and n = {self.n}")
         check(self.batch_size >= 1, self, "batch_size", "must be at least 1")
         check(self.threads is None or self.threads >= 1, self, "threads", "must be at least 1")
+
+
+@dataclasses.dataclass
+class GenerateConfig(ModelsConfig):
+    n: int = option(8, "candidates drawn per caption (the paper: 512)")
+    keep: int | None = option(None, "images kept per caption, best first (default: min(n, 8))")
+    out: Path = option(Path("samples"), "output directory")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.out = Path(self.out)
+        check(self.n >= 1, self, "n", "must be at least 1")
+        check(self.keep is None or 1 <= self.keep <= self.n, self, "keep", f"must be between 1 and n = {self.n}")
 
     @property
     def kept(self) -> int:
@@ -113,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --- handlers --------------------------------------------------------------------------------------------------
 
 
-def _generator(cfg: GenerateConfig) -> tuple[Generator, dict[str, str | None]]:
+def load_generator(cfg: ModelsConfig) -> tuple[Generator, dict[str, str | None]]:
     """The Generator of ``cfg`` and the model directories it was loaded from."""
     import torch
 
@@ -161,7 +171,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     cfg, sample = from_args(GenerateConfig, args), from_args(SampleConfig, args)
     captions = read_captions(args.captions, args.captions_file)
-    generator, models = _generator(cfg)
+    generator, models = load_generator(cfg)
     results = generator.generate(captions, n=cfg.n, keep=cfg.kept, sample=sample)
     write_outputs(cfg, sample, results, {"command": "generate", "models": models})
     return 0
@@ -177,7 +187,7 @@ def run_complete(args: argparse.Namespace) -> int:
         image = np.asarray(to_rgb(open_image(args.image)), dtype=np.uint8)
     except BadRecord as e:
         raise UserError(f"cannot use {args.image} as an image: {e}") from None
-    generator, models = _generator(cfg)
+    generator, models = load_generator(cfg)
     result = generator.complete(image, comp.caption, comp.keep_rows, n=cfg.n, keep=cfg.kept, sample=sample)
     cfg.out.mkdir(parents=True, exist_ok=True)
     reconstruction = generator.reconstruct(image)  # what the prompt rows were taken from
