@@ -46,6 +46,7 @@ def test_pipeline_runs_every_stage_and_ends_with_the_report(finished):
     # The end of the output says where the report is and gives the headline numbers.
     tail = first.split("All stages are done")[1]
     assert f"report: {out / 'eval' / 'report.html'}" in tail
+    assert f"dalle serve --run {out}" in tail
     assert "Fréchet distance (our reranker's image encoder features)" in tail and "compositional accuracy" in tail
     assert "FID" not in first
     # Every training stage ran at the precision the pipeline resolved for this machine.

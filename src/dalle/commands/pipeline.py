@@ -219,3 +219,4 @@ def _print_summary(cfg: PipelineConfig) -> None:
     print(f"report: {cfg.out / 'eval' / 'report.html'}")
     for line in metrics.get("headline", []):
         print(f"  {line}")
+    print(f"draw your own: dalle generate \"a caption\" --run {cfg.out}   or in a browser: dalle serve --run {cfg.out}")
