@@ -148,6 +148,14 @@ def test_bad_complete_requests(service, request_, message):
         service.complete(request_)
 
 
+def test_uploads_have_a_pixel_limit(service, monkeypatch):
+    from dalle.serving import service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_UPLOAD_PIXELS", 40 * 30 - 1)
+    with pytest.raises(UserError, match="image: cannot be used .image too large"):
+        service.complete({"caption": "x", "image": png_of(an_image(size=(40, 30))), "keep_rows": 1})
+
+
 def test_save_dir_keeps_every_answer(run_dir, service, tmp_path):  # noqa: F811
     saving = GenerationService(service.generator, service.limits, save_dir=tmp_path / "served",
                                models={"prior": "p"})

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CAPTION_CHARS = 2_000  # far beyond any text_len; guards the tokenizer against a pasted book
+MAX_UPLOAD_PIXELS = 64 * 1024 * 1024  # an 8k × 8k upload at most: a server decodes what strangers send
 SEED_LIMIT = 2**31  # seeds drawn for requests without one stay small enough to retype
 
 # Field → (its JSON kind, may be null).
@@ -217,7 +218,7 @@ def decode_image(text: str) -> np.ndarray:
     except (binascii.Error, ValueError):
         raise UserError("image: is not valid base64") from None
     try:
-        return np.asarray(to_rgb(open_image(data)), dtype=np.uint8)
+        return np.asarray(to_rgb(open_image(data, max_pixels=MAX_UPLOAD_PIXELS)), dtype=np.uint8)
     except BadRecord as e:
         raise UserError(f"image: cannot be used ({e})") from None
 

@@ -1,0 +1,57 @@
+"""The shapes checker on dVAE round trips: what share of validation images keeps its colours, shapes, sizes and places
+after encode → argmax codes → decode. Samples are decoded from codes, so this bounds what any prior can draw.
+
+    PYTHONPATH= .venv/bin/python bench/dvae_roundtrip.py runs/demo/dvae/model [more models ...] [--images 200]
+
+Prints one row per model (PSNR, codes used, the checker's rates); the images are the first ``--images`` records of
+the shapes validation split at the model's resolution (seed 0, as `dalle pipeline` draws them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dalle.data.config import DataConfig
+from dalle.data.pipeline import iter_samples
+from dalle.data.registry import open_source
+from dalle.evaluation.metrics import reconstruction_metrics
+from dalle.evaluation.shapes_checker import ShapesChecker, summarize
+from dalle.models.dvae import DVAE
+
+ASPECTS = ("color", "shape", "size", "position", "relation", "all")
+
+
+def validation(resolution: int, n: int) -> tuple[np.ndarray, list]:
+    cfg = DataConfig(source="shapes", split="val", resolution=resolution, seed=0)
+    samples = list(itertools.islice(iter_samples(open_source(cfg).records(), cfg), n))
+    return np.stack([s.image for s in samples]), [s.attributes for s in samples]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", type=Path, help="dVAE model directories")
+    parser.add_argument("--images", type=int, default=200, help="validation images per model")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    checker, cache = ShapesChecker(), {}
+    print("| model | val PSNR | codes used | " + " / ".join(ASPECTS) + " |")
+    print("| --- | ---: | ---: | --- |")
+    for path in args.models:
+        dvae = DVAE.from_pretrained(path, "cpu").eval()
+        resolution = dvae.config.resolution
+        if resolution not in cache:
+            cache[resolution] = validation(resolution, args.images)
+        images, attributes = cache[resolution]
+        stats, recons = reconstruction_metrics(dvae, images)
+        rates = summarize([checker.check(image, a) for image, a in zip(recons, attributes)])
+        cells = " / ".join("-" if rates.get(a) is None else f"{rates[a]:.1%}" for a in ASPECTS)
+        print(f"| {path} | {stats['psnr_db']:.1f} | {stats['codes_used']} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
