@@ -134,6 +134,15 @@ def test_training_with_the_gaussian_likelihood(tmp_path):
     assert 0 < float(evaluation["mse"]) < 1
 
 
+@pytest.mark.parametrize("likelihood, beta, want", [("logit-laplace", None, 6.6), ("gaussian", None, 0.2),
+                                                    ("gaussian", 3.0, 3.0), ("logit-laplace", 0.0, 0.0)])
+def test_beta_defaults_to_the_likelihoods_own(likelihood, beta, want):
+    dvae = DVAETrainConfig(likelihood=likelihood, beta=beta)
+    task = DVAETask(dvae, DataConfig(resolution=16), dvae.model_config(16))
+    task.setup(TrainConfig(steps=1000), torch.device("cpu"))  # the ramp's length scales with the run
+    assert task.beta(0) == 0.0 and task.beta(1000) == pytest.approx(want)
+
+
 def test_with_defaults_and_config_for_run():
     cls = with_defaults(TrainConfig, "Probe", lr=0.5, steps=7)
     assert cls().lr == 0.5 and cls().steps == 7 and isinstance(cls(), TrainConfig)

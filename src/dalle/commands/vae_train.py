@@ -46,7 +46,7 @@ def register(vae_sub: argparse._SubParsersAction) -> None:
 
     train = vae_sub.add_parser(
         "train", help="train the dVAE with the paper's recipe (logit-Laplace or, on the tiny presets, Gaussian "
-        "likelihood, KL to uniform with beta -> 6.6, Gumbel tau -> 1/16, EMA)",
+        "likelihood, KL to uniform with beta -> 6.6, or 0.2 with the Gaussian, Gumbel tau -> 1/16, EMA)",
         description="Train the discrete VAE (paper section 2.1). Writes RUN/metrics.csv, RUN/eval.csv, reconstruction "
         "grids in RUN/samples/, checkpoints in RUN/checkpoints/ and the EMA model in RUN/model. Ctrl-C or SIGTERM "
         "saves a checkpoint; --resume continues exactly.")
