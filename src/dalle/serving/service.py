@@ -35,6 +35,7 @@ from dalle.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from dalle.generation import Generation, Generator
+    from dalle.models.sampling import SampleConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ class GenerationService:
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
-    def _sampling(self, fields: dict[str, Any]):
+    def _sampling(self, fields: dict[str, Any]) -> tuple[str, int, int, SampleConfig]:
+        """The request's caption, n, keep and sampling settings, checked against this server's limits."""
         from dalle.models.sampling import SampleConfig
 
         caption = fields["caption"].strip()
