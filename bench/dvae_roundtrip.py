@@ -4,18 +4,21 @@ after encode → argmax codes → decode. Samples are decoded from codes, so thi
     PYTHONPATH= .venv/bin/python bench/dvae_roundtrip.py runs/demo/dvae/model [more models ...] [--images 200]
 
 Prints one row per model (PSNR, codes used, the checker's rates); the images are the first ``--images`` records of
-the shapes validation split at the model's resolution (seed 0, as `dalle pipeline` draws them).
+the shapes validation split at the model's resolution (seed 0, as `dalle pipeline` draws them). ``--by-shape`` adds,
+per model, how many of the stated objects of each size and shape came back as that shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dalle.data import shapes
 from dalle.data.config import DataConfig
 from dalle.data.pipeline import iter_samples
 from dalle.data.registry import open_source
@@ -36,9 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="dVAE model directories")
     parser.add_argument("--images", type=int, default=200, help="validation images per model")
+    parser.add_argument("--by-shape", action="store_true", help="also count kept shapes per size and shape")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    checker, cache = ShapesChecker(), {}
+    checker, cache, by_shape = ShapesChecker(), {}, []
     print("| model | val PSNR | codes used | " + " / ".join(ASPECTS) + " |")
     print("| --- | ---: | ---: | --- |")
     for path in args.models:
@@ -48,9 +52,31 @@ def main() -> None:
             cache[resolution] = validation(resolution, args.images)
         images, attributes = cache[resolution]
         stats, recons = reconstruction_metrics(dvae, images)
-        rates = summarize([checker.check(image, a) for image, a in zip(recons, attributes)])
+        results = [checker.check(image, a) for image, a in zip(recons, attributes)]
+        rates = summarize(results)
         cells = " / ".join("-" if rates.get(a) is None else f"{rates[a]:.1%}" for a in ASPECTS)
         print(f"| {path} | {stats['psnr_db']:.1f} | {stats['codes_used']} | {cells} |", flush=True)
+        if args.by_shape:
+            by_shape.append((path, kept_shapes(results, attributes)))
+    for path, kept in by_shape:
+        print(f"\nshapes kept by {path} (objects that came back as their stated shape / objects stated):\n")
+        print("| size | " + " | ".join(shapes.SHAPES) + " | all |")
+        print("| --- |" + " ---: |" * (len(shapes.SHAPES) + 1))
+        for size in shapes.SIZES:
+            counts = [kept[size, shape] for shape in shapes.SHAPES]
+            total = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
+            print(f"| {size} | " + " | ".join(f"{k}/{n}" for k, n in counts + [total]) + " |")
+
+
+def kept_shapes(results: list, attributes: list) -> dict:
+    """(size, shape) → [objects read back as that shape, objects stated]."""
+    kept: dict = collections.defaultdict(lambda: [0, 0])
+    for result, attrs in zip(results, attributes):
+        for stated, found in zip(attrs["objects"], result.found):
+            cell = kept[stated["size"], stated["shape"]]
+            cell[0] += found is not None and found.shape == stated["shape"]
+            cell[1] += 1
+    return kept
 
 
 if __name__ == "__main__":
