@@ -22,6 +22,7 @@ from dalle.data import shapes
 from dalle.data.config import DataConfig
 from dalle.data.pipeline import iter_samples
 from dalle.data.registry import open_source
+from dalle.errors import UserError
 from dalle.evaluation.metrics import reconstruction_metrics
 from dalle.evaluation.shapes_checker import ShapesChecker, summarize
 from dalle.models.dvae import DVAE
@@ -80,4 +81,7 @@ def kept_shapes(results: list, attributes: list) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:
+        raise SystemExit(f"dvae_roundtrip: {err}") from None
