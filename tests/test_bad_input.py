@@ -212,3 +212,25 @@ def test_dataset_that_yields_nothing_is_a_user_error(tmp_path):
     (tmp_path / "b.png").write_bytes(encode(noisy()))
     with pytest.raises(UserError, match="yields no usable record.*empty file.*missing caption"):
         collect_stats(DataConfig(source=str(tmp_path), val_fraction=0.0))
+
+
+def test_skip_examples_name_a_record_once_however_often_it_is_met():
+    stats, other = SkipStats(), SkipStats()
+    for _ in range(3):  # one broken file met in three epochs, then two more
+        stats.skip("not an image", "a.png")
+    stats.skip("not an image", "b.png")
+    other.skip("not an image", "b.png")
+    other.skip("not an image", "c.png")
+    other.skip("not an image", "d.png")
+    stats.merge(other)
+    assert stats.reasons["not an image"] == 7
+    assert stats.examples["not an image"] == ["a.png", "b.png", "c.png"]
+    assert "(e.g. a.png, b.png, c.png)" in stats.summary()
+
+
+def test_an_empty_val_split_of_a_users_data_says_how_to_fill_it(tmp_path):
+    from dalle.data.loader import make_loader
+
+    cfg = DataConfig(source=write_folder(tmp_path), split="val", resolution=16, val_fraction=1e-9)
+    with pytest.raises(UserError, match=r"--data-val-fraction share \(1e-09\); pass a larger one"):
+        list(make_loader(cfg, batch_size=2))

@@ -105,3 +105,37 @@ def test_pipeline_bad_option_is_a_clean_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's own one-line "invalid choice"
         main(["pipeline", "--out", str(tmp_path), "--amp", "fp8"])
     assert exit_.value.code == 2 and "--amp" in capsys.readouterr().err
+
+
+def test_pipeline_runs_on_a_users_folder_of_captioned_images(tmp_path, capsys):
+    """A dataset the project has never seen: odd sizes and modes, a missing caption and a broken file are skipped,
+    there is no held-out split, and the report is still written (without the shapes checker's accuracy)."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        folder = data / f"album{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert("L" if i % 3 == 0 else "RGB").save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"Photo number {i} of a {'cat' if i % 2 else 'dog'}\n")
+    (data / "album0" / "uncaptioned.png").write_bytes((data / "album0" / "p0.png").read_bytes())
+    (data / "album1" / "broken.png").write_bytes(b"not a png")
+    (data / "album1" / "broken.txt").write_text("a broken file")
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a not in ("--size", "16")]
+    # 25 records and the default 2% for validation: no record hashes into val, which is said before any training.
+    assert main(["pipeline", "--out", str(out), "--dataset", str(data), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "validation split" in err and "--val-fraction" in err and "Traceback" not in err
+    assert not (out / "dvae").exists()
+    assert main(["pipeline", "--out", str(out), "--dataset", str(data), "--val-fraction", "0.3", *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert "--data-val-fraction 0.3" in printed
+    assert "missing caption" in printed and "not an image" in printed
+    assert not (out / "cache" / "heldout").exists()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert "heldout" not in metrics["counts"]["captions"] and (out / "eval" / "report.html").is_file()
+    assert "All stages are done" in printed

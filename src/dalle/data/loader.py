@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dalle.data.config import DataConfig
 from dalle.data.pipeline import iter_samples
 from dalle.data.records import Record, Sample, SkipStats, Source
-from dalle.data.registry import open_source
+from dalle.data.registry import BUILTIN, open_source
 from dalle.errors import UserError
 
 Batch = dict[str, Any]
@@ -199,8 +199,13 @@ class Loader:
             where = ""
             if self.stream.world > 1:
                 where = f" on rank {self.stream.rank} of {self.stream.world}"
+            hint = ""
+            if self.stream.cfg.split == "val" and self.stream.cfg.source not in BUILTIN:
+                hint = (f". A user dataset's val split holds the records whose key hashes into the --data-val-fraction "
+                        f"share ({self.stream.cfg.val_fraction:g}); pass a larger one, e.g. 0.1 for a few hundred "
+                        "images")
             raise UserError(f"dataset {self.name} yielded no usable sample{where}: "
-                            + "; ".join(line.strip() for line in self.stats.summary().splitlines()))
+                            + "; ".join(line.strip() for line in self.stats.summary().splitlines()) + hint)
 
 
 def training_epoch(cfg: DataConfig, batch_size: int, workers: int, epoch: int, stats: SkipStats,

@@ -70,8 +70,9 @@ class SkipStats:
     def skip(self, reason: str, key: str) -> None:
         with self._lock:
             self.reasons[reason] += 1
-            if len(self.examples[reason]) < self.EXAMPLES:
-                self.examples[reason].append(key)
+            examples = self.examples[reason]
+            if len(examples) < self.EXAMPLES and key not in examples:  # a record met again each epoch: name it once
+                examples.append(key)
 
     @property
     def skipped(self) -> int:
@@ -84,8 +85,8 @@ class SkipStats:
             self.truncated_captions += other.truncated_captions
             self.reasons.update(other.reasons)
             for reason, keys in other.examples.items():
-                room = self.EXAMPLES - len(self.examples[reason])
-                self.examples[reason].extend(keys[:max(room, 0)])
+                examples = self.examples[reason]
+                examples.extend([k for k in keys if k not in examples][:max(self.EXAMPLES - len(examples), 0)])
 
     def to_dict(self) -> dict[str, Any]:
         return {"seen": self.seen, "kept": self.kept, "skipped": self.skipped, "truncated_captions":
