@@ -172,6 +172,18 @@ def test_cli_generate_writes_images_sheet_and_record(run_dir, tmp_path, capsys):
     assert "contact sheet" in capsys.readouterr().out
 
 
+def test_cli_generate_says_when_a_caption_is_longer_than_the_prior_reads(run_dir, tmp_path, capsys):
+    long = "a red circle " + "and a very long tail of words nobody trained on " * 4
+    out = tmp_path / "out"
+    assert main(["generate", long, "a red circle", "--run", str(run_dir), "--n", "1", "--out", str(out),
+                 "--device", "cpu", "--no-rerank"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: caption 1 is" in printed and "note: caption 2" not in printed
+    first, second = json.loads((out / "generations.json").read_text())["generations"]
+    assert first["caption_truncated"] and not second["caption_truncated"]
+    assert first["caption_tokens"] > second["caption_tokens"] > 0
+
+
 def test_cli_complete(run_dir, tmp_path):
     image = tmp_path / "in.png"
     Image.fromarray(an_image(size=(50, 40))).save(image)

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -29,6 +29,7 @@ from dalle.errors import UserError
 if TYPE_CHECKING:  # imported lazily at run time: `dalle --help` should not load torch models
     from dalle.generation import Generation, Generator
     from dalle.models.sampling import SampleConfig
+    from dalle.tokenizers.text import TextTokenizer
 
 MAX_SLUG = 60  # characters of a caption kept in its folder name
 SHEET_MIN_SIDE = 128  # images smaller than this are enlarged (nearest neighbour) on the contact sheet
@@ -172,9 +173,24 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg, sample = from_args(GenerateConfig, args), from_args(SampleConfig, args)
     captions = read_captions(args.captions, args.captions_file)
     generator, models = load_generator(cfg)
+    lengths = caption_lengths(generator.tokenizer, captions)
     results = generator.generate(captions, n=cfg.n, keep=cfg.kept, sample=sample)
-    write_outputs(cfg, sample, results, {"command": "generate", "models": models})
+    write_outputs(cfg, sample, results, {"command": "generate", "models": models}, lengths=lengths)
     return 0
+
+
+def caption_lengths(tokenizer: TextTokenizer, captions: list[str]) -> list[dict[str, Any]]:
+    """Each caption's BPE token count, for the record; says which captions are longer than the prior reads (its text
+    length), so that a user knows the end of such a caption had no effect."""
+    info = []
+    for i, caption in enumerate(captions, 1):
+        n = len(tokenizer.token_ids(caption))
+        info.append({"caption_tokens": n, "caption_truncated": n > tokenizer.text_len})
+        if n > tokenizer.text_len:
+            text = tokenizer.normalize(caption)
+            print(f"note: caption {i} is {n} tokens; the prior reads the first {tokenizer.text_len}, so its end is "
+                  f"ignored ({text[:60]!r}{'...' if len(text) > 60 else ''})")
+    return info
 
 
 def run_complete(args: argparse.Namespace) -> int:
@@ -188,13 +204,14 @@ def run_complete(args: argparse.Namespace) -> int:
     except BadRecord as e:
         raise UserError(f"cannot use {args.image} as an image: {e}") from None
     generator, models = load_generator(cfg)
+    lengths = caption_lengths(generator.tokenizer, [comp.caption])
     result = generator.complete(image, comp.caption, comp.keep_rows, n=cfg.n, keep=cfg.kept, sample=sample)
     cfg.out.mkdir(parents=True, exist_ok=True)
     reconstruction = generator.reconstruct(image)  # what the prompt rows were taken from
     Image.fromarray(reconstruction).save(cfg.out / "input.png")
     write_outputs(cfg, sample, [result], {"command": "complete", "models": models, "image": str(args.image),
                                           "keep_rows": comp.keep_rows, "input": "input.png"},
-                  first_cell=(reconstruction, "input (dVAE)"))
+                  first_cell=(reconstruction, "input (dVAE)"), lengths=lengths)
     return 0
 
 
@@ -215,8 +232,10 @@ def slugs(captions: list[str]) -> list[str]:
 
 
 def write_outputs(cfg: GenerateConfig, sample: SampleConfig, results: list[Generation], record: dict,
-                  first_cell: tuple[np.ndarray, str] | None = None) -> None:
-    """The PNGs, the contact sheet and the JSON record of a run; prints where they went."""
+                  first_cell: tuple[np.ndarray, str] | None = None,
+                  lengths: list[dict[str, Any]] | None = None) -> None:
+    """The PNGs, the contact sheet and the JSON record of a run (with each caption's token count, given
+    ``lengths``: :func:`caption_lengths`); prints where they went."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     entries, rows = [], []
     for index, (result, slug) in enumerate(zip(results, slugs([r.caption for r in results]))):
@@ -232,6 +251,8 @@ def write_outputs(cfg: GenerateConfig, sample: SampleConfig, results: list[Gener
         rows.append((result.caption, ([first_cell] if first_cell else []) + cells))
         entries.append({"caption": result.caption, "caption_index": index, "files": files,
                         "scores": _floats(result.scores), "candidate_scores": _floats(result.candidate_scores)})
+        if lengths is not None:
+            entries[-1].update(lengths[index])
         best = f"best score {result.scores[0]:.2f}" if result.scores is not None else "no reranker: draw order"
         print(f"{result.caption!r}: {len(files)} of {len(result.candidates)} kept ({best}) -> {folder}/")
     contact_sheet(rows).save(cfg.out / "contact_sheet.png")
