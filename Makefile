@@ -24,7 +24,7 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000
 
-# The same job with 16×16 codes and the updates they need: samples with recognisable shapes, about 40 minutes on
+# The same job with 16×16 codes and the updates they need: samples with recognisable shapes, about 47 minutes on
 # 2 CPU cores (bench/RESULTS.md, "The 16×16 grid end to end").
 demo-fine: setup
 	$(VENV)/bin/dalle pipeline --out runs/demo-fine --dataset shapes --size 3000 --dvae-preset tiny-64-16 \
