@@ -224,9 +224,9 @@ def _check_val_split(cfg: PipelineConfig) -> None:
     costs a few dozen records."""
     from dalle.data.registry import open_source
 
-    given = {"size": cfg.size, "val_fraction": cfg.val_fraction}
-    data = DataConfig(source=cfg.dataset, split="val", seed=cfg.seed, resolution=cfg.resolution,
-                      **{k: v for k, v in given.items() if v is not None})  # what data_args("val") passes
+    parser = argparse.ArgumentParser(add_help=False)
+    add_options(parser, DataConfig, prefix="data_")  # the options every stage parses data_args with
+    data = from_args(DataConfig, parser.parse_args(cfg.data_args("val")), "data_")
     if next(iter(open_source(data).records()), None) is None:
         raise UserError(f"the validation split of {cfg.dataset} is empty: validation holds the records whose key "
                         f"hashes into a {data.val_fraction:g} share, and none did. Pass a larger --val-fraction "
