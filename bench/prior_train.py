@@ -3,9 +3,12 @@
 The peer's configuration (``/work/shared/anchors/dalle_pytorch_bench.py``): dim 256, depth 4, 8 heads × 32, 32 text +
 8×8 image tokens, a 1000-token text vocabulary, 512 image codes, batch 16, token ids in (no dVAE in the step). The peer
 is timed by the anchor script's own ``dalle_train_*_token_ids`` sections (``forward(return_loss=True)``, backward,
-gradient-norm clip, Adam), in child processes of this job. Ours is the ``tiny`` prior preset, the same shape, timed as
-``dalle train`` steps it: the 1/8 : 7/8 loss, backward, gradient-norm clip, AdamW with the paper's β2 and weight
-decay groups.
+gradient-norm clip, Adam), in child processes of this job; its ``bf16`` rows run the same sections inside
+``torch.autocast("cpu", dtype=torch.bfloat16)``, the way one would turn on mixed precision in its training script, so
+that bf16 can be compared with bf16 as well as with the peer as shipped (fp32). Ours is the ``tiny`` prior preset, the
+same shape, timed as ``dalle train`` steps it: the 1/8 : 7/8 loss, backward, gradient-norm clip, AdamW with the
+paper's β2 and weight decay groups. Every configuration runs once per round, ``--repeats`` rounds, so that ours and the
+peer's share each stretch of this shared machine's speed; the ratios within each round are reported too.
 
 Configurations of ours: ``dense`` (every layer causal) and ``sparse`` (the paper's schedule: row, column, row, conv),
 each in fp32 and with bf16 autocast (``--amp bf16`` of ``dalle train``); ``+compile`` compiles each block with
@@ -17,7 +20,7 @@ Memory is the peak resident set (``ru_maxrss``) of the measuring process, as the
 both include the interpreter and torch (about 300–400 MiB). A second table times one training step at a paper-like
 length (128 text + 32×32 image tokens, same width and depth, batch 2): sparse against dense.
 
-    .venv/bin/python bench/prior_train.py            # ~10 min on 2 cores
+    .venv/bin/python bench/prior_train.py            # ~5 min per round on 2 cores
     .venv/bin/python bench/prior_train.py --write    # ... and record it in bench/RESULTS.md
 """
 
@@ -45,6 +48,13 @@ OURS = {
     "ours sparse bf16 +compile": ("row,column,row,conv", "bf16", True),
 }
 PEER = {"peer dense": "dalle_train_full_token_ids", "peer axial/conv": "dalle_train_axial_conv_token_ids"}
+# The anchor's sections again, under bf16 autocast (run by this script's child, which imports the anchor module).
+PEER_BF16 = {"peer dense bf16": PEER["peer dense"], "peer axial/conv bf16": PEER["peer axial/conv"]}
+# Like against like for the bf16 table: ours → the peer's row with the same kind of attention.
+BF16_PAIRS = {"ours dense bf16": "peer dense bf16", "ours dense bf16 +compile": "peer dense bf16",
+              "ours sparse bf16": "peer axial/conv bf16", "ours sparse bf16 +compile": "peer axial/conv bf16"}
+ROUND_PAIRS = [("ours dense fp32", "peer dense"), ("ours sparse fp32", "peer axial/conv"),
+               ("ours dense bf16", "peer dense"), ("ours sparse bf16", "peer axial/conv"), *BF16_PAIRS.items()]
 LONG = {"dense": "dense", "sparse": "row,column,row,conv"}  # paper-like length, fp32
 
 
@@ -103,9 +113,22 @@ def _ours(schedule: str, amp: str, compile_blocks: bool, **shape) -> dict:
             "attn_impls": sorted({b.attn.impl for b in model.blocks})}
 
 
+def _peer_bf16(section: str) -> None:
+    """Run one of the anchor script's sections in this process under bf16 autocast; it prints its own result."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dalle_pytorch_bench", ANCHOR)
+    anchor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anchor)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        anchor.run_child(section)
+
+
 def child(name: str) -> None:
     torch.set_num_threads(THREADS)
-    if name in OURS:
+    if name in PEER_BF16:
+        _peer_bf16(PEER_BF16[name])
+    elif name in OURS:
         emit(_ours(*OURS[name]))
     else:
         kind = name.split(":", 1)[1]
@@ -118,23 +141,30 @@ def measure(repeats: int) -> dict:
     jobs = [(n, [__file__, "--child", n]) for n in OURS]
     if peer_installed():
         jobs += [(n, [str(ANCHOR), "--section", s]) for n, s in PEER.items()]
+        jobs += [(n, [__file__, "--child", n]) for n in PEER_BF16]
     else:
         print("skipping the peer: it is not installed in .peer/site (see /work/shared/anchors/README.md)",
               file=sys.stderr)
-    for name, argv in jobs:
-        runs = []
-        for rep in range(repeats):
+    # Rounds: every configuration once per round, so that ours and the peer's share each stretch of this machine's
+    # (noisy, shared) speed; the table reports the best of each and the ratios within each round.
+    runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
+    for rep in range(repeats):
+        for name, argv in jobs:
             t0 = time.time()
             r = run_child(argv[0], argv[1:], env)
             if "tokens_per_s_median_step" in r:  # the anchor script's result
+                if not r.get("ok", True):
+                    raise RuntimeError(f"{name}: {r.get('error')}\n{r.get('traceback', '')}")
                 r = {"tokens_per_s": r["tokens_per_s_median_step"], "ms_per_step": r["ms_per_step_median"],
                      "peak_rss_mib": r["peak_rss_mib"], "params": r["params_trainable"], "loss_diff_vs_reference": None}
-            runs.append(r)
+            runs[name].append(r)
             print(f"[{name} #{rep}] {time.time() - t0:.0f} s: {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr,
                   flush=True)
-        best = min(runs, key=lambda r: r["ms_per_step"])
-        best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-        best["ms_per_step_all"] = [round(r["ms_per_step"], 1) for r in runs]
+    for name, rs in runs.items():
+        best = dict(min(rs, key=lambda r: r["ms_per_step"]))
+        best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
+        best["ms_per_step_all"] = [round(r["ms_per_step"], 1) for r in rs]
+        best["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rs]
         results[name] = best
     for kind in LONG:
         name = f"long:{kind}"
@@ -148,7 +178,7 @@ def table(results: dict) -> str:
     lines = ["| configuration | params | tokens/s | ms/step | peak RSS MiB | vs peer dense | vs peer axial/conv | "
              "loss vs fp32 reference |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     peers = [results.get(n) for n in PEER]
-    for name in [*OURS, *PEER]:
+    for name in [*OURS, *PEER, *PEER_BF16]:
         r = results.get(name)
         if r is None:
             continue
@@ -157,6 +187,25 @@ def table(results: dict) -> str:
         lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} | {ratios[0]} | {ratios[1]} | "
                      f"{'' if diff is None else f'{diff:.1e}'} |")
+    pairs = [(ours, peer) for ours, peer in BF16_PAIRS.items() if ours in results and peer in results]
+    if pairs:
+        lines += ["", "bf16 against bf16 (the peer's sections under bf16 autocast; same kind of attention):", "",
+                  "| ours | peer | ours tokens/s | peer tokens/s | ratio | ours / peer peak RSS MiB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for ours, peer in pairs:
+            a, b = results[ours], results[peer]
+            lines.append(f"| {ours} | {peer} | {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
+                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}× | {a['peak_rss_mib']:.0f} / "
+                         f"{b['peak_rss_mib']:.0f} |")
+    rounds = [(ours, peer) for ours, peer in ROUND_PAIRS if ours in results and peer in results]
+    if rounds:
+        lines += ["", "Ratios within each round (ours / peer measured in the same round; median and range over "
+                  "rounds):", "", "| ours | peer | median | range |", "| --- | --- | ---: | --- |"]
+        for ours, peer in rounds:
+            ratios = sorted(a / b for a, b in zip(results[ours]["tokens_per_s_rounds"],
+                                                  results[peer]["tokens_per_s_rounds"]))
+            lines.append(f"| {ours} | {peer} | {statistics.median(ratios):.2f}× | "
+                         f"{ratios[0]:.2f}×–{ratios[-1]:.2f}× |")
     dense, sparse = results.get("long:dense"), results.get("long:sparse")
     if dense and sparse:
         lines += ["", "Paper-like length (128 text + 32×32 image tokens, dim 256, 4 layers, batch 2, fp32):", "",
@@ -172,8 +221,9 @@ def table(results: dict) -> str:
 def main() -> None:
     bench_main(__doc__, child, measure, table, "prior_train", "Prior training (`bench/prior_train.py`)",
                "bench/prior_train.py", [f"{THREADS} torch threads, OMP_WAIT_POLICY=PASSIVE; {WARMUP} warm-up + "
-                                        f"{TIMED} timed steps per process, best of the repeats by median step; token "
-                                        "ids in, no dVAE"])
+                                        f"{TIMED} timed steps per process; every configuration once per round, "
+                                        "--repeats rounds; the first table is each one's best round by median "
+                                        "step; token ids in, no dVAE"])
 
 
 if __name__ == "__main__":
