@@ -1,13 +1,16 @@
+import argparse
 import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from dalle.cli import main
 from dalle.commands import pipeline
 from dalle.commands.pipeline import PipelineConfig
+from dalle.config import from_args
 
 TINY = ["--dvae-steps", "2", "--dvae-batch-size", "4", "--size", "16", "--vocab-size", "300", "--reranker-steps", "2",
         "--reranker-batch-size", "4", "--prior-steps", "2", "--prior-batch-size", "4",
@@ -107,6 +110,64 @@ def test_pipeline_bad_option_is_a_clean_error(tmp_path, capsys):
     assert exit_.value.code == 2 and "--amp" in capsys.readouterr().err
 
 
+def _stage_argv(cli_args: list[str]) -> dict[str, list[list[str]]]:
+    """Each stage's commands for a pipeline command line, without running any."""
+    from dalle.cli import build_parser
+    from dalle.config import given_as_argv
+    from dalle.data.config import DataConfig
+
+    args = build_parser().parse_args(["pipeline", *cli_args])
+    cfg = from_args(PipelineConfig, args, data_options=tuple(given_as_argv(args, DataConfig, "data_",
+                                                                            pipeline.PIPELINE_DATA)))
+    return {stage.name: stage.argv(cfg) for stage in pipeline.STAGES}
+
+
+def test_pipeline_hands_data_options_to_every_stage_that_reads_data():
+    argv = _stage_argv(["--dataset", "coco/captions_train2017.json", "--data-image-root", "coco/train2017",
+                        "--data-max-aspect-ratio", "2", "--data-crop", "random",
+                        "--data-shapes-heldout", "red circle", "blue square"])
+    given = ["--data-crop", "random", "--data-image-root", "coco/train2017", "--data-max-aspect-ratio", "2.0",
+             "--data-shapes-heldout", "red circle", "blue square"]
+    readers = {"text tokenizer": 1, "dVAE": 1, "token cache": 2, "reranker": 1}  # no held-out split for COCO
+    for name, n in readers.items():
+        assert len(argv[name]) == n
+        for command in argv[name]:
+            tail = command[command.index("--data-source"):]
+            assert tail[1] == "coco/captions_train2017.json"
+            assert tail[-len(given):] == given, (name, tail)
+    # The prior reads the token cache and the evaluation the cache's recorded data options: neither gets them.
+    assert not any("--data-crop" in c for c in argv["prior"] + argv["generation + evaluation report"])
+    # The same options parsed back build the same data config the stage would use.
+    from dalle.config import add_options
+    from dalle.data.config import DataConfig
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, DataConfig, prefix="data_")
+    data = from_args(DataConfig, parser.parse_args(argv["dVAE"][0][argv["dVAE"][0].index("--data-source"):]), "data_")
+    assert data.image_root == Path("coco/train2017") and data.max_aspect_ratio == 2.0 and data.crop == "random"
+    assert data.shapes_heldout == ("red circle", "blue square")
+
+
+def test_pipeline_prior_size_options_reach_dalle_train():
+    prior = _stage_argv(["--prior-dim", "128", "--prior-layers", "2", "--prior-heads", "4", "--prior-lr", "3e-4"])
+    command = prior["prior"][0]
+    for flag, value in (("--dim", "128"), ("--n-layers", "2"), ("--n-heads", "4"), ("--lr", "0.0003")):
+        assert command[command.index(flag) + 1] == value
+    default = _stage_argv([])["prior"][0]
+    assert not {"--dim", "--n-layers", "--n-heads", "--lr"} & set(default)
+
+
+def test_pipeline_keeps_its_own_data_options_to_itself(tmp_path, capsys):
+    # The pipeline sets each stage's split and seed itself: a --data-split would contradict it.
+    with pytest.raises(SystemExit) as exit_:
+        main(["pipeline", "--out", str(tmp_path), "--data-split", "val"])
+    assert exit_.value.code == 2 and "--data-split" in capsys.readouterr().err
+    assert main(["pipeline", "--out", str(tmp_path), "--prior-layers", "0"]) == 2
+    assert "prior_layers" in capsys.readouterr().err
+    assert main(["pipeline", "--out", str(tmp_path), "--data-max-aspect-ratio", "0.5"]) == 2
+    assert "max_aspect_ratio" in capsys.readouterr().err
+
+
 def test_pipeline_runs_on_a_users_folder_of_captioned_images(tmp_path, capsys):
     """A dataset the project has never seen: odd sizes and modes, a missing caption and a broken file are skipped,
     there is no held-out split, and the report is still written (without the shapes checker's accuracy)."""
@@ -131,9 +192,14 @@ def test_pipeline_runs_on_a_users_folder_of_captioned_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "validation split" in err and "--val-fraction" in err and "Traceback" not in err
     assert not (out / "dvae").exists()
-    assert main(["pipeline", "--out", str(out), "--dataset", str(data), "--val-fraction", "0.3", *tiny]) == 0
+    assert main(["pipeline", "--out", str(out), "--dataset", str(data), "--val-fraction", "0.3", *tiny,
+                 "--data-max-aspect-ratio", "3", "--prior-dim", "32", "--prior-layers", "1", "--prior-heads", "2"]) == 0
     printed = capsys.readouterr().out
     assert "--data-val-fraction 0.3" in printed
+    for split in ("train", "val"):
+        assert json.loads((out / "cache" / split / "meta.json").read_text())["data"]["max_aspect_ratio"] == 3.0
+    prior = json.loads((out / "prior" / "model" / "config.json").read_text())
+    assert (prior["dim"], prior["n_layers"], prior["n_heads"]) == (32, 1, 2)
     assert "missing caption" in printed and "not an image" in printed
     assert not (out / "cache" / "heldout").exists()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())

@@ -54,12 +54,14 @@ def _flag(prefix: str, name: str) -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", title: str | None = None) -> None:
-    """Add one ``--option`` per CLI field of dataclass ``cls`` (``prefix`` namespaces them, e.g. ``data-``)."""
+def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", title: str | None = None,
+                exclude: typing.Collection[str] = ()) -> None:
+    """Add one ``--option`` per CLI field of dataclass ``cls`` (``prefix`` namespaces them, e.g. ``data-``), except the
+    fields named in ``exclude``."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True) or not f.init:
+        if not f.metadata.get("cli", True) or not f.init or f.name in exclude:
             continue
         tp, optional = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -99,6 +101,25 @@ def from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", **overri
             values[name] = tuple(value)
     values.update(overrides)
     return cls(**values)
+
+
+def given_as_argv(args: argparse.Namespace, cls: type, prefix: str = "",
+                  exclude: typing.Collection[str] = ()) -> list[str]:
+    """The options of ``cls`` that were given on the command line, written back as arguments (``--data-crop
+    random``), so that a command can hand them on to the commands it runs."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cls):
+        dest = (prefix + f.name).replace("-", "_")
+        if f.name in exclude or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if isinstance(value, bool):
+            argv.append(_flag(prefix, f.name) if value else "--no-" + _flag(prefix, f.name)[2:])
+        elif isinstance(value, tuple | list):
+            argv += [_flag(prefix, f.name), *map(str, value)]
+        elif value is not None:
+            argv += [_flag(prefix, f.name), str(value)]
+    return argv
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

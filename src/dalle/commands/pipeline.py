@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dalle.config import add_options, check, from_args, option
+from dalle.config import add_options, check, from_args, given_as_argv, option
 from dalle.data.config import DataConfig
 from dalle.errors import UserError
 from dalle.evaluation.run_eval import FEATURES
@@ -28,6 +28,10 @@ from dalle.training.precision import native_bf16
 # Built-in datasets with a held-out split of compositions never seen in training (see their modules).
 HAS_HELDOUT = {"shapes", "emoji", "openmoji"}
 PIPELINE_AMP = ("auto", "bf16", "none")
+# Data options the pipeline sets itself (each stage's split, one seed, the dVAE's resolution, ...); every other
+# `--data-*` option of the stages (`--data-image-root`, `--data-max-aspect-ratio`, ...) is handed on to each stage as
+# given.
+PIPELINE_DATA = ("source", "split", "seed", "resolution", "size", "val_fraction")
 
 
 @dataclasses.dataclass
@@ -43,6 +47,12 @@ class PipelineConfig:
     reranker_batch_size: int = option(64, "contrastive reranker batch size (the in-batch negatives)")
     prior_steps: int = option(600, "transformer prior training steps")
     prior_batch_size: int = option(16, "transformer prior batch size")
+    prior_dim: int | None = option(None, "width of the prior (default: the tiny preset's 256; the paper's: 1,920 to "
+                                   "3,968)")
+    prior_layers: int | None = option(None, "transformer layers of the prior (default: the tiny preset's 4; the "
+                                      "paper's: 64)")
+    prior_heads: int | None = option(None, "attention heads of the prior (default: the tiny preset's 8)")
+    prior_lr: float | None = option(None, "peak learning rate of the prior (default: `dalle train`'s)")
     vocab_size: int = option(4096, "BPE vocabulary size of the text tokenizer (paper: 16,384)")
     text_len: int = option(32, "text tokens per caption (paper: 256)")
     size: int | None = option(None, "records per split for procedural data (shapes); default: the dataset's own")
@@ -66,12 +76,16 @@ class PipelineConfig:
                       "hardware (a CUDA GPU, or a CPU with AVX512-BF16 or AMX: about 2x faster dVAE steps), else "
                       "fp32", choices=PIPELINE_AMP)
     seed: int = option(0, "seed of every stage")
+    data_options: tuple[str, ...] = option((), "the stages' other --data-* options, as given", cli=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         check(self.dvae_steps >= 1, self, "dvae_steps", "must be at least 1")
         check(self.prior_steps >= 1, self, "prior_steps", "must be at least 1")
         check(self.prior_batch_size >= 1, self, "prior_batch_size", "must be at least 1")
+        for name in ("prior_dim", "prior_layers", "prior_heads"):
+            check(getattr(self, name) is None or getattr(self, name) >= 1, self, name, "must be at least 1")
+        check(self.prior_lr is None or self.prior_lr > 0, self, "prior_lr", "must be positive")
         check(self.reranker_steps >= 1, self, "reranker_steps", "must be at least 1")
         check(self.dvae_batch_size >= 1, self, "dvae_batch_size", "must be at least 1")
         check(self.text_len >= 1, self, "text_len", "must be at least 1")
@@ -99,7 +113,13 @@ class PipelineConfig:
             args += ["--data-size", str(self.size)]
         if self.val_fraction is not None:
             args += ["--data-val-fraction", str(self.val_fraction)]
-        return args
+        return args + list(self.data_options)
+
+    def prior_args(self) -> list[str]:
+        """The prior's architecture and learning rate where given (`dalle train` keeps its defaults otherwise)."""
+        given = {"--dim": self.prior_dim, "--n-layers": self.prior_layers, "--n-heads": self.prior_heads,
+                 "--lr": self.prior_lr}
+        return [arg for flag, value in given.items() if value is not None for arg in (flag, str(value))]
 
     def eval_args(self) -> list[str]:
         args = ["--run", str(self.out), "--captions", str(self.eval_captions), "--candidates",
@@ -164,7 +184,8 @@ STAGES = [
                       "--tokenizer", str(_tokenizer_dir(c)), "--dvae", str(_dvae_model(c)),
                       "--out", str(c.out / "prior"),
                       "--steps", str(c.prior_steps), "--batch-size", str(c.prior_batch_size), "--seed", str(c.seed),
-                      *c.amp_args(), *(["--resume"] if (c.out / "prior" / "checkpoints").is_dir() else [])]]),
+                      *c.prior_args(), *c.amp_args(),
+                      *(["--resume"] if (c.out / "prior" / "checkpoints").is_dir() else [])]]),
     Stage("reranker",
           lambda c: (c.out / "reranker" / "model" / "config.json").is_file(),
           lambda c: [["reranker", "train", "--tokenizer", str(_tokenizer_dir(c)), "--out", str(c.out / "reranker"),
@@ -188,13 +209,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "reranker → generation and evaluation report), skipping stages whose outputs exist",
                        description=__doc__)
     add_options(p, PipelineConfig, title="pipeline")
+    add_options(p, DataConfig, prefix="data_", exclude=PIPELINE_DATA,
+                title="data: handed on to every stage (e.g. --data-image-root for COCO images kept elsewhere)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dalle.cli import main
 
-    cfg = from_args(PipelineConfig, args)
+    cfg = from_args(PipelineConfig, args, data_options=tuple(given_as_argv(args, DataConfig, "data_", PIPELINE_DATA)))
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "pipeline.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str, indent=2) + "\n")
     if not all(stage.done(cfg) for stage in STAGES):
