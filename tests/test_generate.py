@@ -197,6 +197,16 @@ def test_cli_complete(run_dir, tmp_path):
     assert (out / "input.png").is_file() and (out / "contact_sheet.png").is_file()
 
 
+def test_cli_complete_keeps_the_top_half_by_default(run_dir, tmp_path):
+    image = tmp_path / "in.png"
+    Image.fromarray(an_image(size=(50, 40))).save(image)
+    out = tmp_path / "out"
+    assert main(["complete", str(image), "--caption", "a red circle", "--run", str(run_dir), "--n", "1",
+                 "--out", str(out), "--device", "cpu", "--no-rerank"]) == 0
+    grid = json.loads((run_dir / "prior" / "model" / "config.json").read_text())["grid_size"]
+    assert json.loads((out / "generations.json").read_text())["keep_rows"] == grid // 2
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "x", "--run", "{tmp}/nowhere"], "run directory .* does not exist"),
     (["generate", "x"], "GenerateConfig.run: is required"),
@@ -211,7 +221,6 @@ def test_cli_complete(run_dir, tmp_path):
     (["complete", "{img}", "--caption", "x", "--keep-rows", "9", "--run", "{run}"], "between 0 and 4"),
     (["complete", "{img}", "--caption", "x", "--keep-rows", "-1", "--run", "{run}"], "keep_rows"),
     (["complete", "{img}", "--caption", " ", "--keep-rows", "1", "--run", "{run}"], "CompleteConfig.caption"),
-    (["complete", "{img}", "--caption", "x", "--run", "{run}"], "CompleteConfig.keep_rows: is required"),
 ])
 def test_cli_errors_are_one_line(run_dir, tmp_path, capsys, argv, message):
     (tmp_path / "text.png").write_text("not pixels")

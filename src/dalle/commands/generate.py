@@ -87,11 +87,11 @@ class GenerateConfig(ModelsConfig):
 class CompleteConfig:
     caption: str | None = option(None, "what the completed image shows (required)")
     keep_rows: int | None = option(None, "rows of the image's code grid kept as the prompt: 0 (plain generation) "
-                                   "to grid_size (the dVAE reconstruction); required")
+                                   "to grid_size (the dVAE reconstruction); default: the top half")
 
     def __post_init__(self) -> None:
         check(self.caption is not None and self.caption.strip() != "", self, "caption", "is required and not empty")
-        check(self.keep_rows is not None and self.keep_rows >= 0, self, "keep_rows", "is required and must be >= 0")
+        check(self.keep_rows is None or self.keep_rows >= 0, self, "keep_rows", "must be >= 0")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -205,12 +205,13 @@ def run_complete(args: argparse.Namespace) -> int:
         raise UserError(f"cannot use {args.image} as an image: {e}") from None
     generator, models = load_generator(cfg)
     lengths = caption_lengths(generator.tokenizer, [comp.caption])
-    result = generator.complete(image, comp.caption, comp.keep_rows, n=cfg.n, keep=cfg.kept, sample=sample)
+    keep_rows = generator.grid_size // 2 if comp.keep_rows is None else comp.keep_rows
+    result = generator.complete(image, comp.caption, keep_rows, n=cfg.n, keep=cfg.kept, sample=sample)
     cfg.out.mkdir(parents=True, exist_ok=True)
     reconstruction = generator.reconstruct(image)  # what the prompt rows were taken from
     Image.fromarray(reconstruction).save(cfg.out / "input.png")
     write_outputs(cfg, sample, [result], {"command": "complete", "models": models, "image": str(args.image),
-                                          "keep_rows": comp.keep_rows, "input": "input.png"},
+                                          "keep_rows": keep_rows, "input": "input.png"},
                   first_cell=(reconstruction, "input (dVAE)"), lengths=lengths)
     return 0
 
