@@ -112,6 +112,11 @@ def test_complete_keeps_the_prompt_rows(service):
     assert (direct.codes[:, :2] == codes[:2]).all()
 
 
+def test_complete_keeps_the_top_half_when_keep_rows_is_not_given(service):
+    answer = service.complete({"caption": "a red circle", "image": png_of(an_image()), "n": 1, "seed": 0})
+    assert answer["keep_rows"] == service.generator.grid_size // 2
+
+
 @pytest.mark.parametrize("request_, message", [
     ([], "must be a JSON object"),
     ({}, "caption: is required"),
@@ -141,7 +146,6 @@ def test_bad_generate_requests_name_the_field(service, request_, message):
     ({"caption": "x", "image": base64.b64encode(b"not an image").decode(), "keep_rows": 1}, "image: cannot be used"),
     ({"caption": "x", "image": "", "keep_rows": 1}, "image: cannot be used .empty file"),
     ({"caption": "x", "image": png_of(an_image()), "keep_rows": 5}, "keep_rows must be a whole number"),
-    ({"caption": "x", "image": png_of(an_image())}, "keep_rows: is required"),
 ])
 def test_bad_complete_requests(service, request_, message):
     with pytest.raises(UserError, match=message):

@@ -3,7 +3,7 @@
     GET  /               the web UI (page.html: no external scripts, styles or fonts; works offline)
     GET  /api/info       the models' sizes, the server's limits and defaults
     POST /api/generate   {"caption", "n", "keep", "temperature", "top_k", "top_p", "seed"}: all but the caption optional
-    POST /api/complete   the same plus "image" (base64 file or data: URL) and "keep_rows"
+    POST /api/complete   the same plus "image" (base64 file or data: URL) and "keep_rows" (default: half the grid)
 
 Answers are JSON. A bad request is answered with ``{"error": "..."}`` and 400 (413 for a body over the limit, 404 for
 an unknown path); a fault of ours with 500 and the traceback in the server's log, never in the answer. Only the

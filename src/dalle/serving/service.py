@@ -4,8 +4,8 @@ A request is a JSON object. ``generate`` takes::
 
     {"caption": "a red circle", "n": 16, "keep": 4, "temperature": 1.0, "top_k": null, "top_p": null, "seed": 7}
 
-and ``complete`` the same plus ``"image"`` (a PNG / JPEG / ... file as base64, or a ``data:`` URL) and ``"keep_rows"``.
-Only ``caption`` (and, for ``complete``, ``image`` and ``keep_rows``) is required. Every mistake is a
+and ``complete`` the same plus ``"image"`` (a PNG / JPEG / ... file as base64, or a ``data:`` URL) and ``"keep_rows"``
+(default: half the code grid). Only ``caption`` (and, for ``complete``, ``image``) is required. Every mistake is a
 :class:`dalle.errors.UserError` whose message names the field, which the HTTP layer answers with 400.
 
 One generation runs at a time: the sampler keeps its key/value cache between calls, and two callers sharing the
@@ -104,10 +104,10 @@ class GenerationService:
         return self._saved(answer, result, "generate", {})
 
     def complete(self, request: Any) -> dict[str, Any]:
-        fields = _fields(request, COMPLETE_FIELDS, required=("caption", "image", "keep_rows"))
+        fields = _fields(request, COMPLETE_FIELDS, required=("caption", "image"))
         caption, n, keep, sample = self._sampling(fields)
         image = decode_image(fields["image"])
-        keep_rows = fields["keep_rows"]
+        keep_rows = fields.get("keep_rows", self.generator.grid_size // 2)
         start = time.perf_counter()
         with self._lock:
             self.generator.tokenizer.reset_stats()
