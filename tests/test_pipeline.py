@@ -77,6 +77,12 @@ def test_pipeline_skips_finished_stages_and_still_prints_the_summary(finished, t
     again = capsys.readouterr().out
     assert again.count("done already, skipping") == 6 and "running" not in again
     assert f"report: {out / 'eval' / 'report.html'}" in again and "Fréchet distance" in again
+    assert "note: changed" not in again  # the run moved to another folder: not a change of settings
+    # A new value for a finished stage is not silently ignored.
+    assert main(["pipeline", "--out", str(out), *TINY, "--prior-steps", "3", "--data-max-aspect-ratio", "3"]) == 0
+    note = capsys.readouterr().out
+    assert "note: changed since the last run" in note and "--prior-steps (2 → 3)" in note
+    assert "the --data-* options ([] → [" in note and "delete a stage's folder" in note
 
 
 def test_pipeline_resumes_an_interrupted_cache(finished, tmp_path, capsys):
