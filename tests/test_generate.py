@@ -150,7 +150,8 @@ def test_from_run_errors(tmp_path, run_dir):
 
 def test_cli_generate_writes_images_sheet_and_record(run_dir, tmp_path, capsys):
     captions_file = tmp_path / "captions.txt"
-    captions_file.write_text("a blue square\n\n  a red circle  \n", encoding="utf-8")
+    # As a Windows editor saves it: a byte order mark and CRLF line ends.
+    captions_file.write_text("a blue square\r\n\r\n  a red circle  \r\n", encoding="utf-8-sig")
     out = tmp_path / "out"
     rc = main(["generate", "a green triangle", "--captions-file", str(captions_file), "--run", str(run_dir),
                "--n", "4", "--keep", "2", "--seed", "5", "--top-k", "10", "--out", str(out), "--batch-size", "3",

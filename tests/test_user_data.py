@@ -111,6 +111,25 @@ def test_jsonl_manifest_accepts_common_column_names(manifest_dir):
     assert stats.reasons == {"manifest line without image path": 1, "remote URL (download the images first)": 1}
 
 
+
+def test_manifests_saved_with_a_byte_order_mark(manifest_dir):
+    """Windows editors and spreadsheet exports start UTF-8 files with a BOM: the first record must still count."""
+    rows = [{"path": "pics/0.jpg", "caption": "first"}, {"path": "pics/1.jpg", "caption": "second"}]
+    (manifest_dir / "bom.jsonl").write_text("\r\n".join(map(json.dumps, rows)) + "\r\n", encoding="utf-8-sig")
+    (manifest_dir / "bom.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    (manifest_dir / "bom.csv").write_text("path,caption\r\npics/0.jpg,first\r\npics/1.jpg,second\r\n",
+                                          encoding="utf-8-sig")
+    for name in ("bom.jsonl", "bom.json", "bom.csv"):
+        samples, stats = samples_of(str(manifest_dir / name), val_fraction=0.0)
+        assert [s.caption for s in samples] == ["first", "second"] and stats.skipped == 0, name
+    bom = "\ufeff".encode()
+    shard = write_shard(manifest_dir / "bom.tar", [
+        ("a", {"jpg": png_bytes(fmt="JPEG"), "json": bom + json.dumps({"caption": "first"}).encode()}),
+        ("b", {"jpg": png_bytes(fmt="JPEG"), "txt": bom + b"second"})])
+    samples, stats = samples_of(str(shard), val_fraction=0.0)
+    assert [s.caption for s in samples] == ["first", "second"] and stats.skipped == 0
+
+
 def test_csv_and_tsv_manifests(manifest_dir):
     with open(manifest_dir / "data.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -153,7 +153,7 @@ def read_captions(positional: list[str], captions_file: Path | None) -> list[str
     captions = list(positional)
     if captions_file is not None:
         try:
-            lines = captions_file.read_text(encoding="utf-8").splitlines()
+            lines = captions_file.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not a caption
         except FileNotFoundError:
             raise UserError(f"captions file {captions_file} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:

@@ -136,7 +136,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
                 try:
-                    yield lineno, json.loads(raw.decode("utf-8", "surrogateescape"))
+                    yield lineno, json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8", "surrogateescape"))
                 except json.JSONDecodeError:
                     yield lineno, None
 
@@ -248,7 +248,7 @@ def _sample_record(shard: str, key: str, parts: dict[str, bytes | None], max_pix
     caption: str | bytes | None = parts.get("txt")
     if caption is None and parts.get("json") is not None:
         try:
-            meta = json.loads(parts["json"].decode("utf-8", "surrogateescape"))
+            meta = json.loads(parts["json"].decode("utf-8-sig", "surrogateescape"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Record.failed(name, "malformed json")
         if isinstance(meta, dict):
