@@ -140,6 +140,31 @@ def test_rgba_transparency_becomes_white(tmp_path):
     assert samples[0].image.min() == 255
 
 
+def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A phone held upright saves landscape pixels plus an EXIF orientation; the training image must be the upright
+    photo (red top half), not the sideways pixels (red left half)."""
+    from dalle.data.images import ORIENTATION, open_image
+
+    sideways = np.zeros((32, 64, 3), np.uint8)
+    sideways[:, :32] = (255, 0, 0)  # red on the left of the stored pixels
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(sideways).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    (tmp_path / "photo.txt").write_text("a photo taken upright")
+    assert open_image(tmp_path / "photo.jpg").size == (32, 64)  # portrait, as shown on the phone
+    samples, stats = read(str(tmp_path), max_aspect_ratio=3)
+    image = samples[0].image.astype(int)
+    assert stats.skipped == 0 and image.shape == (16, 16, 3)
+    # Centre crop of the upright portrait: the red half is on top after turning clockwise.
+    top, bottom = image[:4].mean(axis=(0, 1)), image[-4:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[1] < 60 and bottom[0] < 60
+    # No orientation tag, or a malformed EXIF block: the pixels as stored.
+    Image.fromarray(sideways).save(tmp_path / "plain.jpg", quality=95)
+    assert open_image(tmp_path / "plain.jpg").size == (64, 32)
+    Image.fromarray(sideways).save(tmp_path / "bad_exif.jpg", exif=b"Exif\x00\x00garbage", quality=95)
+    assert open_image(tmp_path / "bad_exif.jpg").size == (64, 32)
+
+
 def test_small_max_pixels_guard(tmp_path):
     write_folder(tmp_path)
     samples, stats = read(str(tmp_path), max_pixels=100)

@@ -7,7 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Decompression-bomb guard: refuse images whose header claims more pixels than this (about 16k × 16k), before decoding.
 DEFAULT_MAX_PIXELS = 256 * 1024 * 1024
@@ -57,4 +57,22 @@ def open_image(src: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIX
         raise BadRecord("corrupt image", str(e)[:200]) from None
     if img.width < 1 or img.height < 1:
         raise BadRecord("empty image")
-    return img
+    return upright(img)
+
+
+ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the pixels
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as it is meant to be seen: turned by its EXIF orientation (a phone photo held sideways), else as is.
+    A malformed EXIF block counts as no orientation."""
+    try:
+        orientation = img.getexif().get(ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many kinds on garbage; the pixels are still fine
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - as above
+        return img
