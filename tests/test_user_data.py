@@ -112,6 +112,24 @@ def test_jsonl_manifest_accepts_common_column_names(manifest_dir):
 
 
 
+def test_manifest_line_with_several_captions_gives_one_record_each_in_one_split(manifest_dir):
+    lines = [{"image": "pics/0.jpg", "captions": ["a cat", "a cat on a mat"]}, {"path": "pics/1.jpg", "caption": []},
+             {"path": "pics/2.jpg", "text": ["only one"]}, {"path": "pics/3.jpg", "captions": ["x y", {"not": "text"}]}]
+    path = manifest_dir / "multi.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    samples, stats = samples_of(str(path), val_fraction=0.0)
+    assert [(s.key, s.caption) for s in samples] == [("pics/0.jpg", "a cat"), ("pics/0.jpg", "a cat on a mat"),
+                                                     ("pics/2.jpg", "only one"), ("pics/3.jpg", "x y")]
+    assert stats.reasons == {"missing caption": 2}
+    # The split is drawn per image: an image's captions never straddle train and validation.
+    many = manifest_dir / "many.jsonl"
+    many.write_text("".join(json.dumps({"path": f"pics/{i % 4}.jpg", "captions": [f"c{i} a", f"c{i} b"]}) + "\n"
+                            for i in range(40)))
+    train = samples_of(str(many), val_fraction=0.5)[0]
+    val = samples_of(str(many), val_fraction=0.5, split="val")[0]
+    assert len(train) + len(val) == 80 and not {s.key for s in train} & {s.key for s in val}
+
+
 def test_manifests_saved_with_a_byte_order_mark(manifest_dir):
     """Windows editors and spreadsheet exports start UTF-8 files with a BOM: the first record must still count."""
     rows = [{"path": "pics/0.jpg", "caption": "first"}, {"path": "pics/1.jpg", "caption": "second"}]

@@ -47,7 +47,7 @@ from dalle.errors import UserError
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 PATH_COLUMNS = ("path", "image", "image_path", "file", "filename", "file_name", "img")
-CAPTION_COLUMNS = ("caption", "text", "prompt", "title", "description")
+CAPTION_COLUMNS = ("caption", "text", "prompt", "title", "description", "captions", "texts")
 MAX_CAPTION_BYTES = 64 * 1024  # a caption file larger than this is not a caption; reading stops there
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a tar member larger than this is skipped unread
 FORMATS = ("a folder of images with same-named .txt captions, a .jsonl/.csv/.tsv manifest (path + caption), "
@@ -183,26 +183,30 @@ class ManifestSource:
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[Record]:
         pick = _Picker(self.cfg, shard, num_shards)
         for lineno, row in self._rows():
-            if pick.full:
-                return
-            record = self._record(lineno, row)
-            if pick.take(record.key):
-                yield record
+            for record in self._records(lineno, row):
+                if pick.full:
+                    return
+                if pick.take(record.key):  # the image's path: all its captions land in the same split
+                    yield record
 
-    def _record(self, lineno: int, row: Any) -> Record:
+    def _records(self, lineno: int, row: Any) -> list[Record]:
+        """One record per caption of a manifest line (a caption field may hold a list of them, as COCO has)."""
         where = f"{self.path.name}:{lineno}"
         if not isinstance(row, dict):
-            return Record.failed(where, "malformed manifest line")
+            return [Record.failed(where, "malformed manifest line")]
         path_col, caption_col = _column(row, PATH_COLUMNS), _column(row, CAPTION_COLUMNS)
         value = row.get(path_col) if path_col else None
         if not isinstance(value, str) or not value.strip():
-            return Record.failed(where, "manifest line without image path")
+            return [Record.failed(where, "manifest line without image path")]
         value = value.strip()
         if "://" in value:
-            return Record.failed(value, "remote URL (download the images first)")
+            return [Record.failed(value, "remote URL (download the images first)")]
         image = Path(value) if os.path.isabs(value) else self.path.parent / value
-        caption = _caption_value(row.get(caption_col)) if caption_col else None
-        return Record(value, caption, functools.partial(open_image, image, self.cfg.max_pixels))
+        load = functools.partial(open_image, image, self.cfg.max_pixels)
+        captions = row.get(caption_col) if caption_col else None
+        if not isinstance(captions, list) or not captions:
+            captions = [captions]
+        return [Record(value, _caption_value(caption), load) for caption in captions]
 
 
 # ------------------------------------------------------------------------------------------------------- webdataset
