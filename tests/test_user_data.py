@@ -137,7 +137,9 @@ def test_manifests_saved_with_a_byte_order_mark(manifest_dir):
     (manifest_dir / "bom.json").write_text(json.dumps(rows), encoding="utf-8-sig")
     (manifest_dir / "bom.csv").write_text("path,caption\r\npics/0.jpg,first\r\npics/1.jpg,second\r\n",
                                           encoding="utf-8-sig")
-    for name in ("bom.jsonl", "bom.json", "bom.csv"):
+    (manifest_dir / "bom.tsv").write_text("path\tcaption\r\npics/0.jpg\tfirst\r\npics/1.jpg\tsecond\r\n",
+                                          encoding="utf-16")  # a spreadsheet's "Unicode text"
+    for name in ("bom.jsonl", "bom.json", "bom.csv", "bom.tsv"):
         samples, stats = samples_of(str(manifest_dir / name), val_fraction=0.0)
         assert [s.caption for s in samples] == ["first", "second"] and stats.skipped == 0, name
     bom = "\ufeff".encode()

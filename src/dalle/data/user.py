@@ -144,7 +144,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a CSV/TSV as dicts; a header is required unless the first row is ``image path, caption``."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with open(path, "rb") as f:  # spreadsheets' "Unicode text" export is UTF-16 with a byte order mark
+        encoding = "utf-16" if f.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    with open(path, encoding=encoding, errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
