@@ -130,6 +130,19 @@ def test_manifest_line_with_several_captions_gives_one_record_each_in_one_split(
     assert len(train) + len(val) == 80 and not {s.key for s in train} & {s.key for s in val}
 
 
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
+def test_hugging_face_imagefolder_reads_its_metadata_file(manifest_dir, metadata):
+    (manifest_dir / "pics" / "0.txt").write_text("a caption file the metadata overrides")
+    rows = [("pics/0.jpg", "first from metadata"), ("pics/1.jpg", "second from metadata")]
+    if metadata.endswith(".jsonl"):
+        text = "".join(json.dumps({"file_name": f, "text": t, "label": 3}) + "\n" for f, t in rows)
+    else:
+        text = "file_name,text\n" + "".join(f"{f},{t}\n" for f, t in rows)
+    (manifest_dir / metadata).write_text(text)
+    samples, stats = samples_of(str(manifest_dir), val_fraction=0.0)
+    assert [(s.key, s.caption) for s in samples] == rows and stats.skipped == 0
+
+
 def test_manifests_saved_with_a_byte_order_mark(manifest_dir):
     """Windows editors and spreadsheet exports start UTF-8 files with a BOM: the first record must still count."""
     rows = [{"path": "pics/0.jpg", "caption": "first"}, {"path": "pics/1.jpg", "caption": "second"}]

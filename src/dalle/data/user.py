@@ -1,10 +1,12 @@
 """The user's own (image, caption) data, in the formats people already have. Chosen by the path in ``--source``:
 
 * a **folder** of images (recursive; jpg/jpeg/png/webp/bmp/gif/tif) each with a same-named ``.txt`` caption
-  (``cat.jpg`` + ``cat.txt``); an image without one is a counted "missing caption" skip;
+  (``cat.jpg`` + ``cat.txt``); an image without one is a counted "missing caption" skip. A folder with a
+  ``metadata.jsonl`` / ``metadata.csv`` at its top (Hugging Face's "imagefolder" layout) is read as that manifest;
 * a **manifest**: ``.jsonl`` (one JSON object per line) or ``.csv`` / ``.tsv`` (with a header) holding an image path
   (column ``path``, ``image``, ``image_path``, ``file``, ``filename``, ``file_name`` or ``img``) and a caption
-  (``caption``, ``text``, ``prompt``, ``title`` or ``description``); relative paths are relative to the manifest, and
+  (``caption``, ``text``, ``prompt``, ``title`` or ``description``; or a list of them in ``captions`` / ``texts``,
+  one record each); relative paths are relative to the manifest, and
   a malformed line is a counted skip. A ``.json`` holding a list of such objects works too;
 * **WebDataset** ``.tar`` shards as img2dataset writes them (``KEY.jpg``/``.png``/``.webp`` + ``KEY.txt`` and/or
   ``KEY.json`` with a "caption"): one shard, a folder of them, a brace pattern (``data-{00000..00009}.tar``) or a glob.
@@ -47,10 +49,14 @@ from dalle.errors import UserError
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 PATH_COLUMNS = ("path", "image", "image_path", "file", "filename", "file_name", "img")
+# A folder holding one of these at its top is read as that manifest (the Hugging Face "imagefolder" layout:
+# ``file_name`` plus a caption column such as ``text``, paths relative to the folder).
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "title", "description", "captions", "texts")
 MAX_CAPTION_BYTES = 64 * 1024  # a caption file larger than this is not a caption; reading stops there
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a tar member larger than this is skipped unread
-FORMATS = ("a folder of images with same-named .txt captions, a .jsonl/.csv/.tsv manifest (path + caption), "
+FORMATS = ("a folder of images with same-named .txt captions (or a metadata.jsonl / .csv), a .jsonl/.csv/.tsv manifest "
+           "(path + caption), "
            "WebDataset .tar shards (a file, a folder of them, a brace pattern or a glob), or a COCO captions .json")
 
 
@@ -404,6 +410,9 @@ def from_config(cfg: DataConfig) -> FolderSource | ManifestSource | WebDatasetSo
         shards = shard_paths(source)
         if shards:
             return WebDatasetSource(name, shards, cfg)
+        metadata = next((path / n for n in METADATA_FILES if (path / n).is_file()), None)
+        if metadata is not None:  # a Hugging Face "imagefolder": its captions are in the metadata file
+            return ManifestSource(name, metadata, cfg)
         if not _has_image(path):
             raise UserError(f"no images or .tar shards found in {path}; expected {FORMATS}")
         return FolderSource(name, path, cfg)
