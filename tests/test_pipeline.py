@@ -159,6 +159,8 @@ def test_pipeline_prior_size_options_reach_dalle_train():
     command = prior["prior"][0]
     for flag, value in (("--dim", "128"), ("--n-layers", "2"), ("--n-heads", "4"), ("--lr", "0.0003")):
         assert command[command.index(flag) + 1] == value
+    wide = _stage_argv(["--prior-dim", "512"])["prior"][0]  # heads follow the width: 16 heads of 32
+    assert wide[wide.index("--n-heads") + 1] == "16"
     default = _stage_argv([])["prior"][0]
     assert not {"--dim", "--n-layers", "--n-heads", "--lr"} & set(default)
 

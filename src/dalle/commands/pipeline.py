@@ -51,7 +51,8 @@ class PipelineConfig:
                                    "3,968)")
     prior_layers: int | None = option(None, "transformer layers of the prior (default: the tiny preset's 4; the "
                                       "paper's: 64)")
-    prior_heads: int | None = option(None, "attention heads of the prior (default: the tiny preset's 8)")
+    prior_heads: int | None = option(None, "attention heads of the prior (default: the tiny preset's 8, or with "
+                                     "--prior-dim one 32-wide head per 32 channels, so that heads span the width)")
     prior_lr: float | None = option(None, "peak learning rate of the prior (default: `dalle train`'s)")
     vocab_size: int = option(4096, "BPE vocabulary size of the text tokenizer (paper: 16,384)")
     text_len: int = option(32, "text tokens per caption (paper: 256)")
@@ -117,8 +118,12 @@ class PipelineConfig:
 
     def prior_args(self) -> list[str]:
         """The prior's architecture and learning rate where given (`dalle train` keeps its defaults otherwise)."""
-        given = {"--dim": self.prior_dim, "--n-layers": self.prior_layers, "--n-heads": self.prior_heads,
-                 "--lr": self.prior_lr}
+        from dalle.models.transformer import PRESETS
+
+        heads, head_dim = self.prior_heads, PRESETS["tiny"].head_dim  # `dalle train`'s default preset
+        if heads is None and self.prior_dim is not None and self.prior_dim % head_dim == 0:
+            heads = self.prior_dim // head_dim  # the paper's shape: width = heads × head width
+        given = {"--dim": self.prior_dim, "--n-layers": self.prior_layers, "--n-heads": heads, "--lr": self.prior_lr}
         return [arg for flag, value in given.items() if value is not None for arg in (flag, str(value))]
 
     def eval_args(self) -> list[str]:
