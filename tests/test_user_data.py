@@ -141,6 +141,11 @@ def test_hugging_face_imagefolder_reads_its_metadata_file(manifest_dir, metadata
     (manifest_dir / metadata).write_text(text)
     samples, stats = samples_of(str(manifest_dir), val_fraction=0.0)
     assert [(s.key, s.caption) for s in samples] == rows and stats.skipped == 0
+    # Metadata without captions (labels only): the folder's .txt files are the captions.
+    (manifest_dir / metadata).write_text("file_name,label\npics/0.jpg,3\n" if metadata.endswith(".csv")
+                                         else json.dumps({"file_name": "pics/0.jpg", "label": 3}) + "\n")
+    samples, stats = samples_of(str(manifest_dir), val_fraction=0.0)
+    assert [s.caption for s in samples] == ["a caption file the metadata overrides"]
 
 
 def test_manifests_saved_with_a_byte_order_mark(manifest_dir):

@@ -2,7 +2,8 @@
 
 * a **folder** of images (recursive; jpg/jpeg/png/webp/bmp/gif/tif) each with a same-named ``.txt`` caption
   (``cat.jpg`` + ``cat.txt``); an image without one is a counted "missing caption" skip. A folder with a
-  ``metadata.jsonl`` / ``metadata.csv`` at its top (Hugging Face's "imagefolder" layout) is read as that manifest;
+  ``metadata.jsonl`` / ``metadata.csv`` with a caption column at its top (Hugging Face's "imagefolder" layout) is read
+  as that manifest;
 * a **manifest**: ``.jsonl`` (one JSON object per line) or ``.csv`` / ``.tsv`` (with a header) holding an image path
   (column ``path``, ``image``, ``image_path``, ``file``, ``filename``, ``file_name`` or ``img``) and a caption
   (``caption``, ``text``, ``prompt``, ``title`` or ``description``; or a list of them in ``captions`` / ``texts``,
@@ -25,6 +26,7 @@ split goes to shard ``i % num_shards``, except that WebDataset shards are dealt 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -399,6 +401,17 @@ def _has_image(root: Path) -> bool:
     return next(_walk_images(root), None) is not None
 
 
+def _has_captions(metadata: Path) -> bool:
+    """Whether a folder's metadata file names a caption column in its first row (else: labels only, and the folder's
+    ``.txt`` files hold the captions)."""
+    try:
+        with contextlib.closing(_jsonl_rows(metadata) if metadata.suffix == ".jsonl" else _csv_rows(metadata)) as rows:
+            first = next((row for _, row in rows if isinstance(row, dict)), None)
+    except (OSError, UserError):
+        return False
+    return first is not None and _column(first, CAPTION_COLUMNS) is not None
+
+
 def from_config(cfg: DataConfig) -> FolderSource | ManifestSource | WebDatasetSource | CocoSource:
     """Open the user dataset at ``cfg.source`` (see the module doc for the formats)."""
     if cfg.split == "heldout":
@@ -411,7 +424,7 @@ def from_config(cfg: DataConfig) -> FolderSource | ManifestSource | WebDatasetSo
         if shards:
             return WebDatasetSource(name, shards, cfg)
         metadata = next((path / n for n in METADATA_FILES if (path / n).is_file()), None)
-        if metadata is not None:  # a Hugging Face "imagefolder": its captions are in the metadata file
+        if metadata is not None and _has_captions(metadata):  # a Hugging Face "imagefolder"
             return ManifestSource(name, metadata, cfg)
         if not _has_image(path):
             raise UserError(f"no images or .tar shards found in {path}; expected {FORMATS}")
