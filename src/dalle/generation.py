@@ -143,15 +143,23 @@ class Generator:
         images = self._decode(codes.flatten(0, 1)).reshape(len(captions), n, *self._image_shape())
         return [self._select(caption, codes[c], images[c], keep) for c, caption in enumerate(captions)]
 
-    def complete(self, image: np.ndarray, caption: str, keep_rows: int, n: int = 1, keep: int | None = None,
-                 sample: SampleConfig | None = None) -> Generation:
-        """Keep the first ``keep_rows`` rows of ``image``'s codes and draw the rest ``n`` times, given ``caption``.
+    def prompt_rows(self, keep_rows: int | None) -> int:
+        """The code rows a completion keeps: ``keep_rows`` checked against the grid, or the top half when None."""
+        g = self.grid_size
+        if keep_rows is None:
+            return g // 2
+        if isinstance(keep_rows, bool) or not isinstance(keep_rows, int | np.integer) or not 0 <= keep_rows <= g:
+            raise UserError(f"keep_rows must be a whole number of code rows between 0 and {g}, got {keep_rows!r}")
+        return int(keep_rows)
+
+    def complete(self, image: np.ndarray, caption: str, keep_rows: int | None = None, n: int = 1,
+                 keep: int | None = None, sample: SampleConfig | None = None) -> Generation:
+        """Keep the first ``keep_rows`` rows of ``image``'s codes (default: the top half, :meth:`prompt_rows`) and
+        draw the rest ``n`` times, given ``caption``.
 
         ``keep_rows = 0`` is plain generation; ``keep_rows = grid_size`` gives back the dVAE reconstruction.
         """
-        g = self.grid_size
-        if isinstance(keep_rows, bool) or not isinstance(keep_rows, int | np.integer) or not 0 <= keep_rows <= g:
-            raise UserError(f"keep_rows must be a whole number of code rows between 0 and {g}, got {keep_rows!r}")
+        keep_rows = self.prompt_rows(keep_rows)
         codes = self.encode_image(image)  # (g, g)
         return self.generate([caption], n, keep, sample, prompt_codes=codes[:keep_rows].flatten())[0]
 

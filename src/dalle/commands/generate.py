@@ -205,7 +205,7 @@ def run_complete(args: argparse.Namespace) -> int:
         raise UserError(f"cannot use {args.image} as an image: {e}") from None
     generator, models = load_generator(cfg)
     lengths = caption_lengths(generator.tokenizer, [comp.caption])
-    keep_rows = generator.grid_size // 2 if comp.keep_rows is None else comp.keep_rows
+    keep_rows = generator.prompt_rows(comp.keep_rows)
     result = generator.complete(image, comp.caption, keep_rows, n=cfg.n, keep=cfg.kept, sample=sample)
     cfg.out.mkdir(parents=True, exist_ok=True)
     reconstruction = generator.reconstruct(image)  # what the prompt rows were taken from

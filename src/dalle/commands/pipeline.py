@@ -224,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = from_args(PipelineConfig, args, data_options=tuple(given_as_argv(args, DataConfig, "data_", PIPELINE_DATA)))
     cfg.out.mkdir(parents=True, exist_ok=True)
-    _note_changed_options(cfg)
-    (cfg.out / "pipeline.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str, indent=2) + "\n")
+    record = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # as pipeline.json holds it
+    _note_changed_options(cfg, record)
+    (cfg.out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
     if not all(stage.done(cfg) for stage in STAGES):
         _check_val_split(cfg)
     for i, stage in enumerate(STAGES, 1):
@@ -247,14 +248,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_changed_options(cfg: PipelineConfig) -> None:
+def _note_changed_options(cfg: PipelineConfig, now: dict) -> None:
     """Say which options differ from the run directory's previous invocation: a finished stage is skipped, so a new
     value (a larger --prior-dim, another dataset) would otherwise be silently ignored by it."""
     try:
         before = json.loads((cfg.out / "pipeline.json").read_text())
     except (OSError, json.JSONDecodeError):
         return
-    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     changed = [f"{'--' + name.replace('_', '-') if name != 'data_options' else 'the --data-* options'} "
                f"({json.dumps(before[name])} → {json.dumps(value)})"
                for name, value in now.items() if name != "out" and name in before and before[name] != value]

@@ -22,13 +22,16 @@ def in_val_split(key: str, val_fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian; UTF-8's own BOM is dropped by "utf-8-sig"
+
+
 def clean_caption(caption: str | bytes | None) -> str:
     """Decode (UTF-8, then UTF-16 with a BOM) and normalise white space; raise :class:`BadRecord` if nothing is left."""
     if caption is None:
         raise BadRecord("missing caption")
     if isinstance(caption, bytes):
         try:
-            utf16 = caption[:2] in (b"\xff\xfe", b"\xfe\xff")
+            utf16 = caption[:2] in UTF16_BOMS
             text = caption.decode("utf-16") if utf16 else caption.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise BadRecord("undecodable caption") from None

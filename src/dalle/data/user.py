@@ -26,7 +26,6 @@ split goes to shard ``i % num_shards``, except that WebDataset shards are dealt 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -44,7 +43,7 @@ from typing import Any
 
 from dalle.data.config import DataConfig
 from dalle.data.images import open_image
-from dalle.data.pipeline import in_val_split
+from dalle.data.pipeline import UTF16_BOMS, in_val_split
 from dalle.data.records import Record
 from dalle.errors import UserError
 
@@ -153,7 +152,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a CSV/TSV as dicts; a header is required unless the first row is ``image path, caption``."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, "rb") as f:  # spreadsheets' "Unicode text" export is UTF-16 with a byte order mark
-        encoding = "utf-16" if f.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        encoding = "utf-16" if f.read(2) in UTF16_BOMS else "utf-8-sig"
     with open(path, encoding=encoding, errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
@@ -401,12 +400,11 @@ def _has_image(root: Path) -> bool:
     return next(_walk_images(root), None) is not None
 
 
-def _has_captions(metadata: Path) -> bool:
+def _has_captions(manifest: ManifestSource) -> bool:
     """Whether a folder's metadata file names a caption column in its first row (else: labels only, and the folder's
     ``.txt`` files hold the captions)."""
     try:
-        with contextlib.closing(_jsonl_rows(metadata) if metadata.suffix == ".jsonl" else _csv_rows(metadata)) as rows:
-            first = next((row for _, row in rows if isinstance(row, dict)), None)
+        first = next((row for _, row in manifest._rows() if isinstance(row, dict)), None)
     except (OSError, UserError):
         return False
     return first is not None and _column(first, CAPTION_COLUMNS) is not None
@@ -424,8 +422,8 @@ def from_config(cfg: DataConfig) -> FolderSource | ManifestSource | WebDatasetSo
         if shards:
             return WebDatasetSource(name, shards, cfg)
         metadata = next((path / n for n in METADATA_FILES if (path / n).is_file()), None)
-        if metadata is not None and _has_captions(metadata):  # a Hugging Face "imagefolder"
-            return ManifestSource(name, metadata, cfg)
+        if metadata is not None and _has_captions(manifest := ManifestSource(name, metadata, cfg)):
+            return manifest  # a Hugging Face "imagefolder"
         if not _has_image(path):
             raise UserError(f"no images or .tar shards found in {path}; expected {FORMATS}")
         return FolderSource(name, path, cfg)

@@ -107,7 +107,7 @@ class GenerationService:
         fields = _fields(request, COMPLETE_FIELDS, required=("caption", "image"))
         caption, n, keep, sample = self._sampling(fields)
         image = decode_image(fields["image"])
-        keep_rows = fields.get("keep_rows", self.generator.grid_size // 2)
+        keep_rows = self.generator.prompt_rows(fields.get("keep_rows"))
         start = time.perf_counter()
         with self._lock:
             self.generator.tokenizer.reset_stats()
