@@ -18,7 +18,10 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dalle import __version__  # noqa: E402
-from dalle.errors import UserError
+from dalle.errors import UserError  # noqa: E402
+from dalle.runtime import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # before torch's first large allocation
 
 # Module paths, in the order the groups appear in `dalle --help` (the paper's pipeline order).
 COMMAND_MODULES = [
