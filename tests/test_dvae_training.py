@@ -232,3 +232,44 @@ def test_the_decoder_learns_at_a_multiple_of_the_rate(tmp_path):
     encoder, decoder = trainer.opt.param_groups
     assert encoder["lr"] == pytest.approx(1e-3) and decoder["lr"] == pytest.approx(1e-2)
     assert {id(p) for p in decoder["params"]} == {id(p) for p in trainer.model.decoder.parameters()}
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that moves only when a training update runs (1 s each)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _timed(task_cls, clock, seconds_per_update=1.0):
+    class Timed(task_cls):
+        def loss(self, model, batch, step):
+            clock.now += seconds_per_update
+            return super().loss(model, batch, step)
+    return Timed
+
+
+@pytest.mark.parametrize("limit, expected", [(60.0, 59), (10_000.0, 80)])
+def test_time_limit_lays_the_run_out_over_the_updates_that_fit(tmp_path, monkeypatch, limit, expected):
+    import dalle.training.loop as loop
+
+    clock = _Clock()
+    monkeypatch.setattr(loop.time, "perf_counter", clock)
+    out = tmp_path / "run"
+    trainer = make_trainer(out, _timed(DVAETask, clock), restart_every=0, steps=80, eval_every=1000,
+                           time_limit=limit)
+    result = trainer.run()
+    # 10 updates of 1 s measured, 50 s left: 49 more fit (2% kept in reserve); a limit that does not bind leaves
+    # --steps as given.
+    assert result.status == "complete" and result.step == expected
+    saved = json.loads((latest_checkpoint(out) / "config.json").read_text())
+    assert saved["train"]["steps"] == expected and saved["train"]["time_limit"] == limit
+    # Every schedule ends where it would in a run of --steps N: the learning rate at its minimum, τ annealed.
+    last = rows(out / "metrics.csv")[-1]
+    assert int(last["step"]) == expected
+    assert trainer.task.cfg.steps == expected
+    assert trainer.task.tau(expected) == pytest.approx(trainer.task.dvae.tau_end)
+    assert float(last["lr"]) == pytest.approx(loop.learning_rate(expected - 1, expected, 3e-3, 1e-5), rel=1e-6)

@@ -165,6 +165,19 @@ def test_pipeline_prior_size_options_reach_dalle_train():
     assert not {"--dim", "--n-layers", "--n-heads", "--lr"} & set(default)
 
 
+def test_pipeline_time_budget_gives_each_training_stage_its_share_as_a_time_limit():
+    from dalle.cli import build_parser
+
+    argv = _stage_argv(["--time-budget", "1000"])
+    shares = {"dVAE": 560.0, "prior": 200.0, "reranker": 60.0}
+    for name, seconds in shares.items():
+        args = build_parser().parse_args(argv[name][0])  # the stage's own command accepts what it is handed
+        assert args.time_limit == seconds
+    others = ["text tokenizer", "token cache", "generation + evaluation report"]
+    assert not any("--time-limit" in command for name in others for command in argv[name])
+    assert not any("--time-limit" in command for commands in _stage_argv([]).values() for command in commands)
+
+
 def test_pipeline_keeps_its_own_data_options_to_itself(tmp_path, capsys):
     # The pipeline sets each stage's split and seed itself: a --data-split would contradict it.
     with pytest.raises(SystemExit) as exit_:

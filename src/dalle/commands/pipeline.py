@@ -32,6 +32,9 @@ PIPELINE_AMP = ("auto", "bf16", "none")
 # `--data-*` option of the stages (`--data-image-root`, `--data-max-aspect-ratio`, ...) is handed on to each stage as
 # given.
 PIPELINE_DATA = ("source", "split", "seed", "resolution", "size", "val_fraction")
+# --time-budget: the training stages' shares of it, handed on as their --time-limit. The rest is left to the stages
+# without updates to plan (tokenizer, token cache, evaluation): 14-19% of `make demo` on 2 cores (bench/RESULTS.md).
+BUDGET_SHARES = {"dvae": 0.56, "prior": 0.20, "reranker": 0.06}
 
 
 @dataclasses.dataclass
@@ -60,6 +63,10 @@ class PipelineConfig:
     val_fraction: float | None = option(None, "share of a user dataset's records (chosen by a hash of each key) held "
                                         "out for validation; default: the data's 0.02. A dataset of a few hundred "
                                         "images needs more, e.g. 0.1")
+    time_budget: float | None = option(None, "seconds for the whole run: the dVAE, the prior and the reranker get "
+                                       "56%, 20% and 6% of it as their --time-limit and take as many of their steps "
+                                       "as fit at this machine's speed (the rest is left to the token cache and the "
+                                       "evaluation); default: all the steps, however long they take")
     workers: int = option(0, "data-loading worker processes for the training stages")
     # Evaluation sizes for the demo's budget: 3 sets x 48 captions x 8 samples took 70 s (24 captions: 45 s) with one
     # thread on 2 quiet cores (bf16 demo, 2026-11-25). 48 make one caption 2.1 points of compositional accuracy
@@ -91,6 +98,7 @@ class PipelineConfig:
         check(self.dvae_batch_size >= 1, self, "dvae_batch_size", "must be at least 1")
         check(self.text_len >= 1, self, "text_len", "must be at least 1")
         check(self.workers >= 0, self, "workers", "must be >= 0")
+        check(self.time_budget is None or self.time_budget > 0, self, "time_budget", "must be positive")
         check(self.eval_captions >= 2, self, "eval_captions", "must be at least 2")
         check(self.eval_candidates >= 1, self, "eval_candidates", "must be at least 1")
         check(self.eval_real_images >= 2, self, "eval_real_images", "must be at least 2")
@@ -125,6 +133,12 @@ class PipelineConfig:
             heads = self.prior_dim // head_dim  # the paper's shape: width = heads × head width
         given = {"--dim": self.prior_dim, "--n-layers": self.prior_layers, "--n-heads": heads, "--lr": self.prior_lr}
         return [arg for flag, value in given.items() if value is not None for arg in (flag, str(value))]
+
+    def time_limit(self, stage: str) -> list[str]:
+        """``--time-limit`` for a training stage: its share of --time-budget (nothing without one)."""
+        if self.time_budget is None:
+            return []
+        return ["--time-limit", f"{BUDGET_SHARES[stage] * self.time_budget:.0f}"]
 
     def eval_args(self) -> list[str]:
         args = ["--run", str(self.out), "--captions", str(self.eval_captions), "--candidates",
@@ -177,7 +191,7 @@ STAGES = [
           lambda c: (_dvae_model(c) / "config.json").is_file(),
           lambda c: [["vae", "train", "--out", str(c.out / "dvae"), "--preset", c.dvae_preset, "--steps",
                       str(c.dvae_steps), "--batch-size", str(c.dvae_batch_size), "--workers", str(c.workers),
-                      "--seed", str(c.seed), *c.amp_args(),
+                      "--seed", str(c.seed), *c.amp_args(), *c.time_limit("dvae"),
                       *(["--resume"] if (c.out / "dvae" / "checkpoints").is_dir() else []), *c.data_args()]]),
     Stage("token cache",
           lambda c: all(_cache_done(_cache(c, s)) for s in c.splits),
@@ -189,13 +203,13 @@ STAGES = [
                       "--tokenizer", str(_tokenizer_dir(c)), "--dvae", str(_dvae_model(c)),
                       "--out", str(c.out / "prior"),
                       "--steps", str(c.prior_steps), "--batch-size", str(c.prior_batch_size), "--seed", str(c.seed),
-                      *c.prior_args(), *c.amp_args(),
+                      *c.prior_args(), *c.amp_args(), *c.time_limit("prior"),
                       *(["--resume"] if (c.out / "prior" / "checkpoints").is_dir() else [])]]),
     Stage("reranker",
           lambda c: (c.out / "reranker" / "model" / "config.json").is_file(),
           lambda c: [["reranker", "train", "--tokenizer", str(_tokenizer_dir(c)), "--out", str(c.out / "reranker"),
                       "--steps", str(c.reranker_steps), "--batch-size", str(c.reranker_batch_size),
-                      "--workers", str(c.workers), "--seed", str(c.seed), *c.amp_args(),
+                      "--workers", str(c.workers), "--seed", str(c.seed), *c.amp_args(), *c.time_limit("reranker"),
                       *(["--resume"] if (c.out / "reranker" / "checkpoints").is_dir() else []), *c.data_args()]]),
     # Generation and evaluation are one command: the samples are only drawn to be measured. Its done-marker,
     # metrics.json, is written last, so an interrupted evaluation runs again from the start (1-2 minutes).
@@ -229,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     (cfg.out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
     if not all(stage.done(cfg) for stage in STAGES):
         _check_val_split(cfg)
+    began = time.monotonic()
     for i, stage in enumerate(STAGES, 1):
         header = f"[{i}/{len(STAGES)}] {stage.name}"
         if stage.done(cfg):
@@ -243,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"stage '{stage.name}' stopped with exit code {code}; run the same command again to "
                                 "resume it")
         print(f"{header}: finished in {time.monotonic() - start:.0f} s", flush=True)
-    print(f"\nAll stages are done; outputs are in {cfg.out}/.")
+    took = f" in {time.monotonic() - began:.0f} s" + (f" (budget {cfg.time_budget:.0f} s)" if cfg.time_budget else "")
+    print(f"\nAll stages are done{took}; outputs are in {cfg.out}/.")
     _print_summary(cfg)
     return 0
 

@@ -26,6 +26,10 @@ SESSION_FIELDS = ("out", "resume", "stop_at_step", "workers", "progress", "tenso
 class TrainConfig:
     out: Path = option(Path("runs/train"), "run directory: checkpoints, metrics, samples and the exported model")
     steps: int = option(2000, "optimizer updates in the whole run; every schedule is laid out over this many")
+    time_limit: float | None = option(None, "seconds of training (evaluations included, all sessions) to plan the "
+                                      "run for: from the measured speed the run takes as many updates as fit, at "
+                                      "most --steps, and lays every schedule out over them (so the number of "
+                                      "updates depends on the machine)")
     batch_size: int = option(32, "examples per micro-batch, over all processes (each of N processes takes "
                              "batch_size / N)")
     grad_accum: int = option(1, "micro-batches per update (effective batch = batch_size x grad_accum)")
@@ -81,6 +85,7 @@ class TrainConfig:
         self.out = Path(self.out)
         self.adam_betas = tuple(self.adam_betas)
         check(self.steps >= 1, self, "steps", "must be at least 1")
+        check(self.time_limit is None or self.time_limit > 0, self, "time_limit", "must be positive")
         check(self.batch_size >= 1, self, "batch_size", "must be at least 1")
         check(self.grad_accum >= 1, self, "grad_accum", "must be at least 1")
         check(self.lr > 0, self, "lr", "must be positive")

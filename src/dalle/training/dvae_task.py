@@ -168,6 +168,11 @@ class DVAETask(Task):
         return [{"params": list(model.encoder.parameters())},
                 {"params": list(model.decoder.parameters()), "lr_scale": self.dvae.decoder_lr_scale}]
 
+    def set_steps(self, steps: int) -> None:
+        super().set_steps(steps)
+        if self.restarts is not None:
+            self.restarts.until_step = schedule_steps(None, self.dvae.restart_fraction, steps)
+
     # --- schedules (paper section 2.1) -------------------------------------------------------------------------
 
     def tau(self, step: int) -> float:

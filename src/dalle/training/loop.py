@@ -51,6 +51,11 @@ from dalle.training.schedules import learning_rate
 
 log = logging.getLogger(__name__)
 
+# --time-limit: the run's length is planned from the speed of this session's first PLAN_AFTER updates, then again
+# every PLAN_EVERY updates (the speed of a shared machine drifts, and evaluations add their share as they happen).
+PLAN_AFTER, PLAN_EVERY = 10, 25
+
+
 class Task(abc.ABC):
     """What the trainer needs from a training stage. ``setup`` is called first, with the run's config and device."""
 
@@ -115,6 +120,10 @@ class Task(abc.ABC):
     def data_summary(self) -> str:
         """What the data pipeline used and skipped, printed at the end of the run."""
         return ""
+
+    def set_steps(self, steps: int) -> None:
+        """The run's length changed (``--time-limit``); schedules laid out over ``cfg.steps`` follow it."""
+        self.cfg = dataclasses.replace(self.cfg, steps=steps)
 
 
 class EpochStream:
@@ -343,6 +352,7 @@ class Trainer:
         self._restore()
         self._session_start = time.perf_counter()
         self._saved_step = self.step
+        self._session_first_step, self._max_steps = self.step, cfg.steps
         if main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             ck.write_text_atomic(cfg.out / "config.json", _json(self._run_config()))
@@ -350,7 +360,7 @@ class Trainer:
         bar = _progress(cfg, self.step, main)
         try:
             with _Signals() as signals:
-                while self.step < cfg.steps:
+                while self.step < self.cfg.steps:
                     if self.procs.any(signals.received is not None):  # every process stops after the same update
                         status = "interrupted"
                         break
@@ -359,6 +369,7 @@ class Trainer:
                         break
                     self._update(bar)
                     self._periodic(bar)
+                    self._plan(bar)
                 if status == "complete" and not self._evaluated:
                     self._evaluate(bar, record=False)  # a resumed, finished run still reports its metrics
             if self._saved_step != self.step:
@@ -377,6 +388,27 @@ class Trainer:
         if main:
             self._report(status, model_dir)
         return TrainResult(self.step, status, self.last_eval, self._elapsed(), model_dir)
+
+    def _plan(self, bar: Any) -> None:
+        """With a time limit: lay the run out over the updates that fit in the time left at the speed measured in
+        this session so far (its evaluations included), between one more update and the --steps given."""
+        limit, done = self.cfg.time_limit, self.step - self._session_first_step
+        if limit is None or done < PLAN_AFTER or (done - PLAN_AFTER) % PLAN_EVERY or self.step >= self.cfg.steps:
+            return
+        # Every process plans from the same (averaged) numbers, so they all stop after the same update.
+        clock = self.procs.mean({"session": time.perf_counter() - self._session_start, "elapsed": self._elapsed()})
+        per_update = clock["session"] / done
+        fits = self.step + int(0.98 * (limit - clock["elapsed"]) / per_update)
+        steps = max(self.step + 1, min(self._max_steps, fits))
+        if steps == self.cfg.steps:
+            return
+        if self.procs.is_main and (done == PLAN_AFTER or abs(steps - self.cfg.steps) > 0.05 * self.cfg.steps):
+            _say(bar, f"time limit {limit:.0f} s: {steps} of at most {self._max_steps} updates fit at "
+                      f"{per_update:.2f} s each")
+        self.cfg = dataclasses.replace(self.cfg, steps=steps)
+        self.task.set_steps(steps)
+        bar.total = steps
+        bar.refresh()
 
     def _export(self) -> Path | None:
         """Rank 0 writes the EMA model and returns where; the others wait and return None."""
@@ -399,6 +431,9 @@ class Trainer:
         if saving is not None:
             log.info("PowerSGD at rank %d saved %.1f%% of the fp32 gradient bytes of the updates it compressed",
                      cfg.powersgd_rank, 100 * saving)
+        if cfg.steps < self._max_steps:
+            log.info("time limit %.0f s: the run was laid out over %d of the %d updates --steps allowed",
+                     cfg.time_limit, cfg.steps, self._max_steps)
         log.info("%s at step %d of %d (%.0f s); %s", status, self.step, cfg.steps, self._elapsed(),
                  f"model exported to {model_dir}" if model_dir else f"resume with --resume --out {cfg.out}")
 
