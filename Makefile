@@ -21,10 +21,10 @@ test: lint
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# 12.5 minutes for the stages, so that set-up included it ends within 15 on 2 cores: on a machine without bf16
+# 12 minutes for the stages, so that set-up included it ends within 15 on 2 cores: on a machine without bf16
 # arithmetic the dVAE and the prior take fewer of their steps (bench/RESULTS.md, "`make demo` end to end").
 demo: setup
-	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000 --time-budget 750
+	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000 --time-budget 720
 
 # The same job with 16×16 codes and the updates they need: samples with recognisable shapes, about 47 minutes on
 # 2 CPU cores (bench/RESULTS.md, "The 16×16 grid end to end").

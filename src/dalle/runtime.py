@@ -19,8 +19,9 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them to the kernel.
 
     By default glibc serves large blocks with fresh pages (mmap, or a heap it trims back after each free), so each
-    training step faults in every 4 KiB page of its new activations again. On a 2-core machine that cost a third of
-    each element-wise op and 19% of a dVAE training step (655 → 528 ms; bench/RESULTS.md, "CPU memory reuse").
+    training step faults in every 4 KiB page of its new activations again. On a 2-core AVX2 machine that made a
+    tiny-64 dVAE step 1.2× slower (78k faults per step; the prior's steps, with far fewer, did not change:
+    bench/RESULTS.md, "CPU memory reuse in training steps").
     Returns whether the setting took effect: not off Linux/glibc, nor when one of ``MALLOC_VARIABLES`` is set.
     """
     if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_VARIABLES):
