@@ -159,7 +159,11 @@ def test_clip_reranks_like_its_embeddings(tmp_path):
     caption = "the red square"
     scores = scorer.score(images, [caption] * 5)
     assert scores.shape == (5,) and torch.isfinite(scores).all()
-    assert scorer.rerank(images, caption, keep=3).tolist() == scores.argsort(descending=True)[:3].tolist()
+    # The random tiny towers score these images within about 1e-6 of each other, so which of two near-equal scores
+    # comes first depends on the CPU's rounding: compare the scores reranking picks, not their indices.
+    picked = scorer.rerank(images, caption, keep=3)
+    assert len(set(picked.tolist())) == 3
+    assert torch.allclose(scores[picked], scores.sort(descending=True).values[:3], rtol=0, atol=1e-5)
     assert scorer.scale == pytest.approx(1 / 0.07, rel=1e-4)
     uint8 = (images.permute(0, 2, 3, 1) * 255).round().byte()
     assert torch.allclose(scorer.score(uint8, [caption] * 5), scores, atol=0.05)

@@ -33,7 +33,7 @@ PIPELINE_AMP = ("auto", "bf16", "none")
 # given.
 PIPELINE_DATA = ("source", "split", "seed", "resolution", "size", "val_fraction")
 # --time-budget: the training stages' shares of it, handed on as their --time-limit. The rest is left to the stages
-# without updates to plan (tokenizer, token cache, evaluation): 14-19% of `make demo` on 2 cores (bench/RESULTS.md).
+# without updates to plan (tokenizer, token cache, evaluation): 13-18% of `make demo` on 2 cores (bench/RESULTS.md).
 BUDGET_SHARES = {"dvae": 0.56, "prior": 0.20, "reranker": 0.06}
 
 
