@@ -195,6 +195,39 @@ def test_gather_equals_dense_reference(kind, text_len, grid, kernel, queries_per
 
 
 @pytest.mark.parametrize("kind", A.KINDS)
+def test_matmul_equals_dense_reference(kind):
+    layout = A.Layout(7, 8, 5)
+    for seq_len in (layout.seq_len, layout.seq_len - 5):  # the full sequence and a prefix
+        qkv = torch.randn(2, seq_len, 3, 3, 8, requires_grad=True)
+        ref, grad_out, ref_grad = _reference_and_grad(qkv, kind, layout)
+        out = A.attend(qkv, kind, layout, "matmul")
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_computes_small_cpu_batches_as_one_score_matrix(monkeypatch):
+    layout = A.Layout(7, 8, 5)
+    qkv = torch.randn(2, layout.seq_len, 3, 3, 8)
+    assert A.matmul_pays(qkv)
+    calls, matmul = [], A._attend_matmul
+
+    def spy(qkv: torch.Tensor, kind: str, layout: A.Layout) -> torch.Tensor:
+        calls.append(kind)
+        return matmul(qkv, kind, layout)
+
+    monkeypatch.setattr(A, "_attend_matmul", spy)
+    for kind in A.KINDS:
+        A.attend(qkv, kind, layout, "auto")
+    assert calls == list(A.KINDS)
+    # Past the limit the scores no longer fit glibc's reusable blocks: SDPA then.
+    monkeypatch.setattr(A, "MATMUL_MAX_SCORES", 2 * 3 * layout.seq_len**2 - 1)
+    assert not A.matmul_pays(qkv)
+    A.attend(qkv, "dense", layout, "auto")
+    assert len(calls) == len(A.KINDS)
+
+
+@pytest.mark.parametrize("kind", A.KINDS)
 def test_flex_equals_dense_reference(kind, monkeypatch):
     """Forward only: torch 2.13 has no FlexAttention backward on CPU. Eager flex, so no compile in the fast suite."""
     monkeypatch.setattr(A, "FLEX_COMPILE", False)
@@ -236,9 +269,10 @@ def test_bad_layouts_and_shapes_are_rejected():
         A.attend(torch.randn(1, 30, 3, 2, 4), "row", A.Layout(4, 4))
 
 
-@pytest.mark.parametrize("impl", ["dense", "auto"])
-def test_attention_under_cpu_autocast_runs_in_fp32_and_keeps_the_dtype(impl):
-    # Half-precision SDPA is slow on CPU, so attention computes in fp32 there; the caller still gets its dtype.
+@pytest.mark.parametrize("impl", ["dense", "auto", "matmul"])
+def test_attention_under_cpu_autocast_keeps_the_dtype(impl):
+    # Half-precision SDPA is slow on CPU, so SDPA computes in fp32 there, and ``matmul`` takes its softmax in fp32;
+    # the caller still gets its dtype.
     layout = A.Layout(text_len=5, grid_size=4, conv_kernel=3)
     qkv = torch.randn(2, layout.seq_len, 3, 2, 8, generator=torch.Generator().manual_seed(0))
     reference = A.attend(qkv, "row", layout, impl)

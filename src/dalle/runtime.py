@@ -13,6 +13,8 @@ MMAP_THRESHOLD_MAX = 32 << 20
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never give the top of the heap back
 # Set by a user who tunes malloc themselves: then we change nothing.
 MALLOC_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# The same setting as glibc's environment variables, for a process that does not import dalle (a benchmark's peer).
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def keep_freed_memory() -> bool:

@@ -35,8 +35,13 @@ Implementations (``impl``), all exact; tests hold them to the dense reference in
             a hand-written backward (sums and strided adds, no scatter); text queries use causal SDPA.
 ``flex``    ``torch.nn.attention.flex_attention`` with a block mask, compiled on first use. torch 2.13 has no
             FlexAttention backward on CPU, so there it serves inference only. Not measured on a GPU yet.
+``matmul``  the scores as one matrix: two batched matrix products in the inputs' dtype (bf16 under autocast) around
+            an fp32 softmax with the additive mask. On CPU it beats the SDPA kernels while the scores are small
+            (1.3-2× forward and backward up to 576 tokens, more in bf16, whose SDPA backward is slow there), and
+            falls far behind once they pass glibc's 32 MiB reuse limit.
 ``auto``    ``gather`` where :func:`gather_pays` (long sequences: the paper's 256 + 32×32), else ``dense``; layers
-            of kind ``dense`` always use causal SDPA. Measured on CPU: bench/prior_attention.py.
+            of kind ``dense`` use causal SDPA. On CPU both become ``matmul`` while :func:`matmul_pays`.
+            Measured on CPU: bench/prior_attention.py.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import torch.nn.functional as F
 from dalle.errors import UserError
 
 KINDS = ("dense", "row", "column", "conv")
-IMPLS = ("auto", "dense", "gather", "flex")
+IMPLS = ("auto", "dense", "gather", "flex", "matmul")
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -172,7 +177,10 @@ def attend(qkv: torch.Tensor, kind: str, layout: Layout, impl: str = "auto") -> 
     seq_len = qkv.shape[1]
     if seq_len > layout.seq_len:
         raise ValueError(f"sequence of {seq_len} tokens is longer than the layout's {layout.seq_len}")
-    impl = resolve_impl(impl, kind, layout)
+    chosen, impl = impl, resolve_impl(impl, kind, layout)
+    if chosen == "matmul" or (chosen == "auto" and impl in ("causal", "dense") and matmul_pays(qkv)):
+        with torch.autocast(qkv.device.type, enabled=False):  # the caller's dtype for the products, fp32 softmax
+            return _attend_matmul(qkv, kind, layout)
     if impl == "gather":
         if seq_len < layout.seq_len:  # pad a prefix to the full layout; causality keeps the padding out
             qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, layout.seq_len - seq_len))
@@ -194,6 +202,33 @@ def _attend_sdpa(qkv: torch.Tensor, kind: str, layout: Layout, impl: str) -> tor
     else:
         out = _flex_attention(q, k, v, kind, layout)
     return out.transpose(1, 2)  # (B, L, H, D)
+
+
+# ``matmul`` computes the scores of a CPU batch with at most this many entries (B·H·L²): 32 MiB of fp32, glibc's
+# largest reusable block (dalle.runtime); past it fresh pages make it 3-4× slower than SDPA (1,152 tokens, batch 1).
+MATMUL_MAX_SCORES = 8 << 20
+
+
+def matmul_pays(qkv: torch.Tensor) -> bool:
+    """Whether ``auto`` computes this ``(B, L, 3, H, D)`` batch's attention as one score matrix (see ``matmul``)."""
+    b, length, _, h, _ = qkv.shape
+    return qkv.device.type == "cpu" and b * h * length * length <= MATMUL_MAX_SCORES
+
+
+def _attend_matmul(qkv: torch.Tensor, kind: str, layout: Layout) -> torch.Tensor:
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))  # (B, H, L, D) views
+    length = q.shape[2]
+    mask = _cached_additive_mask(kind, layout, length, q.device)  # (L, L) fp32: 0 or −inf
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L) in the inputs' dtype
+    # mask + scale·scores in one fp32 kernel; the softmax in fp32 too, as SDPA's kernels accumulate.
+    probs = torch.softmax(torch.add(mask, scores.float(), alpha=q.shape[-1] ** -0.5), dim=-1)
+    return torch.matmul(probs.to(q.dtype), v).transpose(1, 2)  # (B, L, H, D)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_additive_mask(kind: str, layout: Layout, seq_len: int, device: torch.device) -> torch.Tensor:
+    allowed = dense_mask(kind, layout, seq_len, seq_len, 0, device)
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, layout: Layout) -> torch.Tensor:

@@ -64,8 +64,9 @@ class PriorConfig:
     conv_kernel: int = option(11, "kernel side of the conv attention mask (the paper: 11)")
     mlp_ratio: int = option(4, "MLP width as a multiple of dim")
     dropout: float = option(0.0, "dropout on embeddings and residual branches")
-    attn_impl: str = option("auto", "attention implementation, all exact: auto (gather where it saves compute, else "
-                            "dense), dense (masked SDPA), gather (blocks of image rows), flex (FlexAttention)",
+    attn_impl: str = option("auto", "attention implementation, all exact: auto (gather where it saves compute, "
+                            "matmul for short sequences on CPU, else dense), dense (masked SDPA), gather (blocks of "
+                            "image rows), flex (FlexAttention), matmul (the score matrix with an fp32 softmax)",
                             choices=IMPLS)
     init_std: float = option(0.02, "standard deviation of the initial weights")
 
