@@ -177,6 +177,17 @@ def _reference_and_grad(qkv: torch.Tensor, kind: str, layout: A.Layout):
     return out, grad_out, grad
 
 
+def _assert_equals_reference(kind: str, layout: A.Layout, impl: str) -> None:
+    """``impl``'s outputs and gradients equal the dense reference's, on the full sequence and on a prefix."""
+    for seq_len in (layout.seq_len, layout.seq_len - 5):
+        qkv = torch.randn(2, seq_len, 3, 3, 8, requires_grad=True)
+        ref, grad_out, ref_grad = _reference_and_grad(qkv, kind, layout)
+        out = A.attend(qkv, kind, layout, impl)
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", A.KINDS)
 @pytest.mark.parametrize(("text_len", "grid", "kernel"), [(6, 4, 3), (5, 6, 5), (7, 8, 11)])
 @pytest.mark.parametrize("queries_per_block", [1, 12, 64])
@@ -184,26 +195,12 @@ def test_gather_equals_dense_reference(kind, text_len, grid, kernel, queries_per
     monkeypatch.setitem(A.QUERIES_PER_BLOCK, "row", queries_per_block)
     monkeypatch.setitem(A.QUERIES_PER_BLOCK, "column", queries_per_block)
     monkeypatch.setitem(A.QUERIES_PER_BLOCK, "conv", queries_per_block)
-    layout = A.Layout(text_len, grid, kernel)
-    for seq_len in (layout.seq_len, layout.seq_len - 5):  # the full sequence and a prefix
-        qkv = torch.randn(2, seq_len, 3, 3, 8, requires_grad=True)
-        ref, grad_out, ref_grad = _reference_and_grad(qkv, kind, layout)
-        out = A.attend(qkv, kind, layout, "gather")
-        (grad,) = torch.autograd.grad(out, qkv, grad_out)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    _assert_equals_reference(kind, A.Layout(text_len, grid, kernel), "gather")
 
 
 @pytest.mark.parametrize("kind", A.KINDS)
 def test_matmul_equals_dense_reference(kind):
-    layout = A.Layout(7, 8, 5)
-    for seq_len in (layout.seq_len, layout.seq_len - 5):  # the full sequence and a prefix
-        qkv = torch.randn(2, seq_len, 3, 3, 8, requires_grad=True)
-        ref, grad_out, ref_grad = _reference_and_grad(qkv, kind, layout)
-        out = A.attend(qkv, kind, layout, "matmul")
-        (grad,) = torch.autograd.grad(out, qkv, grad_out)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    _assert_equals_reference(kind, A.Layout(7, 8, 5), "matmul")
 
 
 def test_auto_computes_small_cpu_batches_as_one_score_matrix(monkeypatch):
