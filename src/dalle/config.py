@@ -66,10 +66,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", ti
         tp, optional = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        helptext = f.metadata.get("help", "")
+        # argparse %-formats help text (for %(default)s): a literal "56%" would break --help.
+        helptext = f.metadata.get("help", "").replace("%", "%%")
         dest = (prefix + f.name).replace("-", "_")
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
-        shown = f" (default: {default})" if default not in (None, "", ()) else ""
+        shown = f" (default: {default})".replace("%", "%%") if default not in (None, "", ()) else ""
         if tp is bool:
             group.add_argument(_flag(prefix, f.name), action=argparse.BooleanOptionalAction,
                                help=helptext + shown, **kwargs)
