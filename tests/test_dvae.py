@@ -14,7 +14,7 @@ from dalle.cli import main
 from dalle.errors import ConfigError, UserError
 from dalle.models.dvae import DVAE, PRESETS, DVAEConfig, ResBlock, count_parameters, preset
 
-TINY = {"tiny-64": 8, "tiny-32": 8, "tiny-64-16": 16}  # preset → side of its code grid
+TINY = {"tiny-64": 8, "tiny-32": 8, "tiny-64-16": 16, "tiny-48": 12}  # preset → side of its code grid
 
 
 @pytest.fixture(scope="module")

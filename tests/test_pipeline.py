@@ -169,13 +169,25 @@ def test_pipeline_time_budget_gives_each_training_stage_its_share_as_a_time_limi
     from dalle.cli import build_parser
 
     argv = _stage_argv(["--time-budget", "1000"])
-    shares = {"dVAE": 560.0, "prior": 200.0, "reranker": 60.0}
+    shares = {"dVAE": 450.0, "prior": 320.0, "reranker": 60.0}
     for name, seconds in shares.items():
         args = build_parser().parse_args(argv[name][0])  # the stage's own command accepts what it is handed
         assert args.time_limit == seconds
     others = ["text tokenizer", "token cache", "generation + evaluation report"]
     assert not any("--time-limit" in command for name in others for command in argv[name])
     assert not any("--time-limit" in command for commands in _stage_argv([]).values() for command in commands)
+
+
+def test_pipeline_images_take_the_dvae_presets_size_unless_given(tmp_path, capsys):
+    def resolution(argv):
+        return {cmd[cmd.index("--data-resolution") + 1] for cmds in _stage_argv(argv).values() for cmd in cmds
+                if "--data-resolution" in cmd}
+
+    assert resolution([]) == {"64"}  # tiny-64
+    assert resolution(["--dvae-preset", "tiny-48"]) == {"48"}  # `make demo`'s: 12×12 codes
+    assert resolution(["--dvae-preset", "tiny-48", "--resolution", "96"]) == {"96"}
+    assert main(["pipeline", "--out", str(tmp_path), "--dvae-preset", "tiny-7"]) == 2
+    assert "unknown dVAE preset 'tiny-7'" in capsys.readouterr().err
 
 
 def test_pipeline_keeps_its_own_data_options_to_itself(tmp_path, capsys):

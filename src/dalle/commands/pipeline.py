@@ -33,16 +33,20 @@ PIPELINE_AMP = ("auto", "bf16", "none")
 # given.
 PIPELINE_DATA = ("source", "split", "seed", "resolution", "size", "val_fraction")
 # --time-budget: the training stages' shares of it, handed on as their --time-limit. The rest is left to the stages
-# without updates to plan (tokenizer, token cache, evaluation): 13-18% of `make demo` on 2 cores (bench/RESULTS.md).
-BUDGET_SHARES = {"dvae": 0.56, "prior": 0.20, "reranker": 0.06}
+# without updates to plan (tokenizer, token cache, evaluation): 13-16% of `make demo` on 2 cores. `make demo`'s prior
+# (12×12 codes, 1,200 updates) needs about 30% on a bf16 CPU, its dVAE (3,000 updates at 48 px) about 38%
+# (bench/RESULTS.md, "`make demo` at 48 px").
+BUDGET_SHARES = {"dvae": 0.45, "prior": 0.32, "reranker": 0.06}
 
 
 @dataclasses.dataclass
 class PipelineConfig:
     out: Path = option(Path("runs/pipeline"), "run directory: every stage writes a sub-folder here")
     dataset: str = option("shapes", "built-in dataset name or a path (any source `dalle data stats` accepts)")
-    resolution: int = option(64, "image side in pixels (the dVAE preset's resolution)")
-    dvae_preset: str = option("tiny-64", "dVAE preset (see `dalle vae train --help`)")
+    resolution: int | None = option(None, "image side in pixels (default: the dVAE preset's: 64 for tiny-64, 48 for "
+                                    "tiny-48)")
+    dvae_preset: str = option("tiny-64", "dVAE preset (see `dalle vae train --help`): tiny-64 (64 px, 8×8 codes), "
+                              "tiny-48 (48 px, 12×12, `make demo`'s), tiny-64-16 (64 px, 16×16), paper (256 px, 32×32)")
     dvae_steps: int = option(3000, "dVAE training steps (the default suits a 2-core CPU demo; use tens of "
                              "thousands for quality)")
     # 16, not `dalle vae train`'s 32: the short CPU runs gain from updates, not from images per update (tiny-64,
@@ -68,9 +72,11 @@ class PipelineConfig:
                                         "out for validation; default: the data's 0.02. A dataset of a few hundred "
                                         "images needs more, e.g. 0.1")
     time_budget: float | None = option(None, "seconds for the whole run: the dVAE, the prior and the reranker get "
-                                       "56%, 20% and 6% of it as their --time-limit and take as many of their steps "
-                                       "as fit at this machine's speed (the rest is left to the token cache and the "
-                                       "evaluation); default: all the steps, however long they take")
+                                       f"{BUDGET_SHARES['dvae']:.0%}, {BUDGET_SHARES['prior']:.0%} and "
+                                       f"{BUDGET_SHARES['reranker']:.0%} of it as their --time-limit and take as "
+                                       "many of their steps as fit at this machine's speed (the rest is left to the "
+                                       "token cache and the evaluation); default: all the steps, however long they "
+                                       "take")
     workers: int = option(0, "data-loading worker processes for the training stages")
     # Evaluation sizes for the demo's budget: 3 sets x 48 captions x 8 samples took 70 s (24 captions: 45 s) with one
     # thread on 2 quiet cores (bf16 demo, 2026-11-25). 48 make one caption 2.1 points of compositional accuracy
@@ -91,7 +97,12 @@ class PipelineConfig:
     data_options: tuple[str, ...] = option((), "the stages' other --data-* options, as given", cli=False)
 
     def __post_init__(self) -> None:
+        from dalle.models.dvae import preset
+
         self.out = Path(self.out)
+        if self.resolution is None:
+            self.resolution = preset(self.dvae_preset).resolution  # an unknown preset is a UserError naming them
+        check(self.resolution >= 1, self, "resolution", "must be at least 1")
         check(self.dvae_steps >= 1, self, "dvae_steps", "must be at least 1")
         check(self.prior_steps >= 1, self, "prior_steps", "must be at least 1")
         check(self.prior_batch_size >= 1, self, "prior_batch_size", "must be at least 1")
