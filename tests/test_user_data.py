@@ -73,6 +73,43 @@ def test_folder_reads_images_with_same_named_captions(image_folder):
     assert keys_of(str(image_folder), val_fraction=0.0) == sorted(by_key)  # deterministic walk order
 
 
+def test_folder_caption_file_gives_one_record_per_line_all_in_the_images_split(tmp_path):
+    root = tmp_path / "birds"
+    root.mkdir()
+    for i in range(12):
+        (root / f"bird{i:02d}.png").write_bytes(png_bytes())
+        # CUB / Oxford-102 style: several captions of one image, one per line (blank lines and CRLF are fine)
+        (root / f"bird{i:02d}.txt").write_bytes(f"a small bird {i}\r\n\r\nthis bird has a red crown\r\n".encode())
+    samples, stats = samples_of(str(root), val_fraction=0.0)
+    assert stats.skipped == 0 and len(samples) == 24
+    assert [s.caption for s in samples[:2]] == ["a small bird 0", "this bird has a red crown"]
+    assert samples[0].key == samples[1].key == "bird00.png"
+    train, val = keys_of(str(root), val_fraction=0.4), keys_of(str(root), split="val", val_fraction=0.4)
+    assert val and train and not set(train) & set(val)  # both captions of an image on the same side
+    assert sorted(train + val) == sorted(2 * [f"bird{i:02d}.png" for i in range(12)])
+
+
+def test_folder_caption_file_drops_tux_paint_translation_lines(tmp_path):
+    root = tmp_path / "stamps"
+    root.mkdir()
+    (root / "quarter.png").write_bytes(png_bytes())
+    (root / "quarter.txt").write_text("A US 25 cent piece ($.25) called a quarter.\nfr.utf8=Une pièce de 25 cents.\n"
+                                      "pt_BR.utf8=Uma moeda de 25 centavos.\nsr@latin.utf8=Novčić.\n", encoding="utf-8")
+    (root / "calc.png").write_bytes(png_bytes())
+    (root / "calc.txt").write_text("A calculator.  6x7=42\n", encoding="utf-8")  # '=' alone is not a translation
+    (root / "blank.png").write_bytes(png_bytes())
+    (root / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    (root / "latin1.png").write_bytes(png_bytes())
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait\nsecond line".encode("latin-1"))
+    (root / "wide.png").write_bytes(png_bytes())
+    (root / "wide.txt").write_text("first caption\nsecond caption", encoding="utf-16")  # with its BOM
+    samples, stats = samples_of(str(root), val_fraction=0.0)
+    assert sorted((s.key, s.caption) for s in samples) == [
+        ("calc.png", "A calculator. 6x7=42"), ("quarter.png", "A US 25 cent piece ($.25) called a quarter."),
+        ("wide.png", "first caption"), ("wide.png", "second caption")]
+    assert stats.reasons == {"empty caption": 1, "undecodable caption": 1}
+
+
 def test_split_is_a_key_hash_and_shards_partition_it(image_folder):
     src = str(image_folder)
     train, val = keys_of(src, val_fraction=0.3), keys_of(src, split="val", val_fraction=0.3)

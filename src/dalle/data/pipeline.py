@@ -25,19 +25,21 @@ def in_val_split(key: str, val_fraction: float, seed: int = 0) -> bool:
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian; UTF-8's own BOM is dropped by "utf-8-sig"
 
 
+def decode_caption(caption: str | bytes) -> str:
+    """Bytes → text: UTF-8 (a byte order mark dropped), or UTF-16 with a BOM; :class:`BadRecord` if neither decodes."""
+    if isinstance(caption, str):
+        return caption
+    try:
+        return caption.decode("utf-16") if caption[:2] in UTF16_BOMS else caption.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadRecord("undecodable caption") from None
+
+
 def clean_caption(caption: str | bytes | None) -> str:
-    """Decode (UTF-8, then UTF-16 with a BOM) and normalise white space; raise :class:`BadRecord` if nothing is left."""
+    """Decode (see :func:`decode_caption`) and normalise white space; raise :class:`BadRecord` if nothing is left."""
     if caption is None:
         raise BadRecord("missing caption")
-    if isinstance(caption, bytes):
-        try:
-            utf16 = caption[:2] in UTF16_BOMS
-            text = caption.decode("utf-16") if utf16 else caption.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise BadRecord("undecodable caption") from None
-    else:
-        text = caption
-    text = _SPACES.sub(" ", text.replace("\x00", " ")).strip()
+    text = _SPACES.sub(" ", decode_caption(caption).replace("\x00", " ")).strip()
     if not text:
         raise BadRecord("empty caption")
     return text

@@ -1,9 +1,10 @@
 """The user's own (image, caption) data, in the formats people already have. Chosen by the path in ``--source``:
 
 * a **folder** of images (recursive; jpg/jpeg/png/webp/bmp/gif/tif) each with a same-named ``.txt`` caption
-  (``cat.jpg`` + ``cat.txt``); an image without one is a counted "missing caption" skip. A folder with a
-  ``metadata.jsonl`` / ``metadata.csv`` with a caption column at its top (Hugging Face's "imagefolder" layout) is read
-  as that manifest;
+  (``cat.jpg`` + ``cat.txt``); an image without one is a counted "missing caption" skip. Each non-empty line of the
+  ``.txt`` is a caption of its own (one record each), except the translation lines of Tux Paint's stamps. A folder
+  with a ``metadata.jsonl`` / ``metadata.csv`` with a caption column at its top (Hugging Face's "imagefolder" layout)
+  is read as that manifest;
 * a **manifest**: ``.jsonl`` (one JSON object per line) or ``.csv`` / ``.tsv`` (with a header) holding an image path
   (column ``path``, ``image``, ``image_path``, ``file``, ``filename``, ``file_name`` or ``img``) and a caption
   (``caption``, ``text``, ``prompt``, ``title`` or ``description``; or a list of them in ``captions`` / ``texts``,
@@ -42,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from dalle.data.config import DataConfig
-from dalle.data.images import open_image
-from dalle.data.pipeline import UTF16_BOMS, in_val_split
+from dalle.data.images import BadRecord, open_image
+from dalle.data.pipeline import UTF16_BOMS, decode_caption, in_val_split
 from dalle.data.records import Record
 from dalle.errors import UserError
 
@@ -114,6 +115,25 @@ def _read_caption(path: Path) -> bytes | None:
         return None
 
 
+# A translation line of Tux Paint's stamp descriptions ("fr.utf8=Un chat.", "pt_BR.utf8=...", "sr@latin.utf8=...")
+# after the English first line: not a caption of its own.
+_LOCALE_LINE = re.compile(r"^[A-Za-z]{2,3}(?:_[A-Za-z]{2,4})?(?:@[A-Za-z]+)?\.utf-?8\s*=", re.IGNORECASE)
+
+
+def caption_lines(raw: bytes | None) -> list[str | bytes | None]:
+    """A caption file's captions, one per non-empty line (CUB's and Oxford-102's files hold ten each), without
+    locale-tagged translation lines. A missing or undecodable file stays one value, which the pipeline counts as a
+    skip; a file of blank lines gives its text, counted as an empty caption."""
+    if raw is None:
+        return [None]
+    try:
+        text = decode_caption(raw)
+    except BadRecord:
+        return [raw]
+    lines = [line for line in text.splitlines() if line.strip() and not _LOCALE_LINE.match(line)]
+    return lines or [text]
+
+
 @dataclasses.dataclass
 class FolderSource:
     name: str
@@ -126,9 +146,12 @@ class FolderSource:
             if pick.full:
                 return
             key = path.relative_to(self.root).as_posix()
-            if pick.take(key):
-                load = functools.partial(open_image, path, self.cfg.max_pixels)
-                yield Record(key, _read_caption(path.with_suffix(".txt")), load)
+            load = functools.partial(open_image, path, self.cfg.max_pixels)
+            for caption in caption_lines(_read_caption(path.with_suffix(".txt"))):
+                if pick.full:
+                    return
+                if pick.take(key):  # the image's path: all its captions land in the same split
+                    yield Record(key, caption, load)
 
 
 # --------------------------------------------------------------------------------------------------------- manifest
