@@ -1,8 +1,10 @@
 """Data-loading throughput: images/s into training-ready tensors (uint8 batches from ``make_loader``, ``to_float``).
 
-Measures the built-in shapes dataset at 64×64 and a folder of 256×256 PNGs with .txt captions (written first into a
-temporary folder, resized to 64×64 by the one transform), each with 0 and 2 worker processes. The loader runs as
-training runs it: shuffled, repeating. The first ``--warmup`` batches (worker start-up) are not timed.
+Measures the built-in shapes dataset at 64×64, a folder of 256×256 PNGs with .txt captions (written first into a
+temporary folder, resized to 64×64 by the one transform), each with 0 and 2 worker processes, and a folder of
+photo-sized JPEGs (3000×2000, ``--photos``) decoded whole and at the reduced DCT scale the user sources use
+(``DataConfig.decode_side``), side by side. The loader runs as training runs it: shuffled, repeating. The first
+``--warmup`` batches (worker start-up) are not timed.
 
     .venv/bin/python bench/data_loading.py              # print the table
     .venv/bin/python bench/data_loading.py --write      # ... and record it in bench/RESULTS.md
@@ -60,6 +62,19 @@ def write_folder(root: Path, n_images: int, resolution: int) -> None:
         (root / f"{name}.txt").write_text(r.caption + "\n")
 
 
+def write_photos(root: Path, n_images: int, size: tuple[int, int]) -> None:
+    """``n_images`` smooth colour gradients saved as JPEGs of a camera's size (what decoding costs), with captions."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    x, y = np.linspace(0, 6, w)[None, :, None], np.linspace(0, 4, h)[:, None, None]
+    for i in range(n_images):
+        phase = np.array([1, 2, 3]) + i / n_images
+        Image.fromarray((127 + 100 * np.sin(x + y * phase)).astype(np.uint8)).save(root / f"p{i:04d}.jpg", quality=90)
+        (root / f"p{i:04d}.txt").write_text(f"photo number {i}\n")
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
@@ -93,6 +108,8 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--folder-images", type=int, default=2000, help="PNGs written for the folder measurement")
     p.add_argument("--folder-resolution", type=int, default=256)
+    p.add_argument("--photos", type=int, default=64, help="3000×2000 JPEGs written for the photo measurement (0: skip)")
+    p.add_argument("--photo-batches", type=int, default=8, help="timed batches of the photo measurement")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the main process: with workers busy on every core, more OpenMP threads "
                    "for to_float only wait on each other (25 ms instead of 0.7 ms per batch here)")
@@ -123,6 +140,23 @@ def main() -> None:
                 label = f"folder: {args.folder_images} PNGs {args.folder_resolution}² → {args.resolution}²"
                 rows.append((label, workers, *throughput(cfg, workers, args.batch_size, args.batches, args.warmup)))
                 print(rows[-1], flush=True)
+
+    if args.photos > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_photos(Path(tmp), args.photos, (3000, 2000))
+            label = f"folder: {args.photos} JPEGs 3000×2000 → {args.resolution}², decoded"
+            for workers in args.workers:
+                for how, whole in (("whole", True), ("at a reduced scale", False)):
+                    cfg = DataConfig(source=tmp, resolution=args.resolution)
+                    original = DataConfig.decode_side
+                    if whole:  # the loader before reduced-scale decoding: every JPEG decoded whole
+                        DataConfig.decode_side = property(lambda self: None)
+                    try:
+                        rate = throughput(cfg, workers, 16, args.photo_batches, 1)
+                    finally:
+                        DataConfig.decode_side = original
+                    rows.append((f"{label} {how} (batch 16, {args.photo_batches} batches)", workers, *rate))
+                    print(rows[-1], flush=True)
 
     lines = [f"batch {args.batch_size}, {args.batches} timed batches after {args.warmup} warm-up batches; "
              f"shuffled, repeating, `to_float` included; {args.threads} torch thread(s) in the main process", "",

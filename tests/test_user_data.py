@@ -110,6 +110,37 @@ def test_folder_caption_file_drops_tux_paint_translation_lines(tmp_path):
     assert stats.reasons == {"empty caption": 1, "undecodable caption": 1}
 
 
+def _photo_jpeg(w: int, h: int) -> bytes:
+    x, y = np.linspace(0, 6, w)[None, :, None], np.linspace(0, 4, h)[:, None, None]
+    buf = io.BytesIO()
+    Image.fromarray((127 + 100 * np.sin(x + y * np.array([1, 2, 3]))).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_changes_neither_pixels_nor_filters(tmp_path):
+    from dalle.data.images import open_image
+    from dalle.data.transforms import ImageTransform
+
+    data = _photo_jpeg(1600, 1200)
+    small = open_image(data, draft_side=3 * 16)
+    assert small.size == (200, 150)  # the 1/8 DCT scale: both sides still at least 48
+    assert open_image(data, draft_side=1000).size == (1600, 1200)  # no scale keeps 1,000: decoded whole
+    assert open_image(png_bytes((400, 300)), draft_side=10).size == (400, 300)  # not a JPEG: decoded whole
+    transform = ImageTransform(resolution=16)
+    full, drafted = transform(open_image(data)), transform(small)
+    assert np.abs(full.astype(int) - drafted).max() <= 2
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "big.jpg").write_bytes(data)
+    (root / "big.txt").write_text("a photo")
+    samples, stats = samples_of(str(root), val_fraction=0.0)
+    assert len(samples) == 1 and np.abs(samples[0].image.astype(int) - full).max() <= 2
+    # The size filter sees the photo as it is, not as it was decoded: 1,200 px pass a 1,100-px minimum.
+    assert len(samples_of(str(root), val_fraction=0.0, min_image_side=1100)[0]) == 1
+    assert samples_of(str(root), val_fraction=0.0, min_image_side=1300)[1].reasons == {"image too small": 1}
+
+
 def test_split_is_a_key_hash_and_shards_partition_it(image_folder):
     src = str(image_folder)
     train, val = keys_of(src, val_fraction=0.3), keys_of(src, split="val", val_fraction=0.3)

@@ -40,6 +40,13 @@ class DataConfig:
     shapes_two_object_fraction: float = option(0.5, "shapes: fraction of images with two objects in a spatial "
                                                "relation (the rest hold one object)")
 
+    @property
+    def decode_side(self) -> int:
+        """Side a large JPEG may be decoded down to (see :func:`dalle.data.images.open_image`): three times the
+        resolution, where the resize's box pre-shrink would take it anyway, and never under ``min_image_side``, so the
+        size filter decides as it would at full size."""
+        return max(3 * self.resolution, self.min_image_side or 0)
+
     def __post_init__(self) -> None:
         check(self.split in SPLITS, self, "split", f"must be one of {', '.join(SPLITS)}")
         check(self.resolution >= 8, self, "resolution", "must be at least 8")

@@ -54,7 +54,8 @@ class ImageTransform:
         if (w, h) != (r, r):
             scale = r / min(w, h)
             nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
-            # reducing_gap makes large down-scales fast (JPEG draft decoding + box pre-shrink) at no visible cost.
+            # reducing_gap makes large down-scales fast (a box pre-shrink to 3× the size, then bicubic) at no visible
+            # cost; the user sources' JPEGs arrive already decoded at a reduced scale (DataConfig.decode_side).
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
             w, h = nw, nh
             if self.crop == "random":

@@ -38,9 +38,11 @@ import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from dalle.data.config import DataConfig
 from dalle.data.images import BadRecord, open_image
@@ -60,6 +62,14 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a tar member larger than this is skipped
 FORMATS = ("a folder of images with same-named .txt captions (or a metadata.jsonl / .csv), a .jsonl/.csv/.tsv manifest "
            "(path + caption), "
            "WebDataset .tar shards (a file, a folder of them, a brace pattern or a glob), or a COCO captions .json")
+
+
+Opener = Callable[[Any], Image.Image]  # a path or bytes → the decoded image, or BadRecord
+
+
+def _opener(cfg: DataConfig) -> Opener:
+    """How this dataset's images are decoded: the bomb guard, and large JPEGs at a reduced scale (``decode_side``)."""
+    return functools.partial(open_image, max_pixels=cfg.max_pixels, draft_side=cfg.decode_side)
 
 
 class _Picker:
@@ -146,7 +156,7 @@ class FolderSource:
             if pick.full:
                 return
             key = path.relative_to(self.root).as_posix()
-            load = functools.partial(open_image, path, self.cfg.max_pixels)
+            load = functools.partial(_opener(self.cfg), path)
             for caption in caption_lines(_read_caption(path.with_suffix(".txt"))):
                 if pick.full:
                     return
@@ -234,7 +244,7 @@ class ManifestSource:
         if "://" in value:
             return [Record.failed(value, "remote URL (download the images first)")]
         image = Path(value) if os.path.isabs(value) else self.path.parent / value
-        load = functools.partial(open_image, image, self.cfg.max_pixels)
+        load = functools.partial(_opener(self.cfg), image)
         captions = row.get(caption_col) if caption_col else None
         if not isinstance(captions, list) or not captions:
             captions = [captions]
@@ -273,7 +283,7 @@ def shard_paths(source: str) -> list[Path]:
     return paths
 
 
-def _sample_record(shard: str, key: str, parts: dict[str, bytes | None], max_pixels: int) -> Record:
+def _sample_record(shard: str, key: str, parts: dict[str, bytes | None], open_: Opener) -> Record:
     """One WebDataset sample (its members' bytes by extension) → a record."""
     name = f"{shard}/{key}"
     ext = next((e for e in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff") if e in parts), None)
@@ -289,15 +299,15 @@ def _sample_record(shard: str, key: str, parts: dict[str, bytes | None], max_pix
             return Record.failed(name, "malformed json")
         if isinstance(meta, dict):
             caption = _caption_value(meta.get(_column(meta, CAPTION_COLUMNS) or "caption"))
-    return Record(name, caption, functools.partial(open_image, parts[ext], max_pixels))
+    return Record(name, caption, functools.partial(open_, parts[ext]))
 
 
-def iter_shard(path: Path, pick: _Picker, max_pixels: int) -> Iterator[Record]:
+def iter_shard(path: Path, pick: _Picker, open_: Opener) -> Iterator[Record]:
     """Stream one shard's samples (consecutive members sharing a key). A damaged shard ends with one error record,
     which ``pick`` gives to one split and one worker like any record, so it is counted once."""
     try:
         with tarfile.open(path, mode="r|*") as tar:  # "r|*": a forward-only stream, any compression
-            yield from _iter_samples(tar, path.name, pick, max_pixels)
+            yield from _iter_samples(tar, path.name, pick, open_)
         if _cut_short(path):
             raise tarfile.ReadError("truncated")
     except FileNotFoundError:
@@ -316,7 +326,7 @@ def _cut_short(path: Path) -> bool:
     return not compressed and path.stat().st_size % tarfile.BLOCKSIZE != 0
 
 
-def _iter_samples(tar: tarfile.TarFile, shard: str, pick: _Picker, max_pixels: int) -> Iterator[Record]:
+def _iter_samples(tar: tarfile.TarFile, shard: str, pick: _Picker, open_: Opener) -> Iterator[Record]:
     key, parts, wanted = None, {}, False
     for member in tar:
         if pick.full:
@@ -327,13 +337,13 @@ def _iter_samples(tar: tarfile.TarFile, shard: str, pick: _Picker, max_pixels: i
             continue
         if posixpath.join(folder, stem) != key:
             if wanted:
-                yield _sample_record(shard, key, parts, max_pixels)
+                yield _sample_record(shard, key, parts, open_)
             key, parts = posixpath.join(folder, stem), {}
             wanted = pick.take(key)  # decided before reading: samples of other splits / workers are not read
         if wanted:
             parts[ext.lower()] = _read_member(tar, member)
     if wanted:
-        yield _sample_record(shard, key, parts, max_pixels)
+        yield _sample_record(shard, key, parts, open_)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:
@@ -362,11 +372,11 @@ class WebDatasetSource:
             size = None if self.cfg.size is None else math.ceil(self.cfg.size / num_shards)
             pick = _Picker(self.cfg, size=size)
             for path in self.shards[shard::num_shards]:
-                yield from iter_shard(path, pick, self.cfg.max_pixels)
+                yield from iter_shard(path, pick, _opener(self.cfg))
             return
         pick = _Picker(self.cfg, shard, num_shards)
         for path in self.shards:
-            yield from iter_shard(path, pick, self.cfg.max_pixels)
+            yield from iter_shard(path, pick, _opener(self.cfg))
 
 
 # ------------------------------------------------------------------------------------------------------------- coco
@@ -399,7 +409,7 @@ class CocoSource:
             if file is None:
                 record = Record.failed(f"annotation {n}", "annotation without a known image")
             else:
-                load = functools.partial(open_image, self.image_root / file, self.cfg.max_pixels)
+                load = functools.partial(_opener(self.cfg), self.image_root / file)
                 record = Record(file, _caption_value(ann.get("caption")), load, {"annotation_id": ann.get("id")})
             if pick.take(record.key):  # the image's file name: all its captions land in the same split
                 yield record
