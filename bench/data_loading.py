@@ -1,7 +1,8 @@
 """Data-loading throughput: images/s into training-ready tensors (uint8 batches from ``make_loader``, ``to_float``).
 
 Measures the built-in shapes dataset at 64×64, a folder of 256×256 PNGs with .txt captions (written first into a
-temporary folder, resized to 64×64 by the one transform), each with 0 and 2 worker processes, and a folder of
+temporary folder, resized to 64×64 by the one transform; decoded every epoch, and with the decoded images a repeating
+stream keeps, ``DataConfig.decoded_memory_mb``), each with 0 and 2 worker processes, and a folder of
 photo-sized JPEGs (3000×2000, ``--photos``) decoded whole and at the reduced DCT scale the user sources use
 (``DataConfig.decode_side``), side by side. The loader runs as training runs it: shuffled, repeating. The first
 ``--warmup`` batches (worker start-up) are not timed.
@@ -136,10 +137,14 @@ def main() -> None:
             write_folder(Path(tmp), args.folder_images, args.folder_resolution)
             print(f"wrote {args.folder_images} PNGs in {time.perf_counter() - t:.1f} s")
             for workers in args.workers:
-                cfg = DataConfig(source=tmp, resolution=args.resolution)
-                label = f"folder: {args.folder_images} PNGs {args.folder_resolution}² → {args.resolution}²"
-                rows.append((label, workers, *throughput(cfg, workers, args.batch_size, args.batches, args.warmup)))
-                print(rows[-1], flush=True)
+                for kept in (False, True):
+                    cfg = DataConfig(source=tmp, resolution=args.resolution,
+                                     **({} if kept else {"decoded_memory_mb": 0}))
+                    label = (f"folder: {args.folder_images} PNGs {args.folder_resolution}² → {args.resolution}², "
+                             + ("decoded images kept" if kept else "decoded every epoch"))
+                    rows.append((label, workers, *throughput(cfg, workers, args.batch_size, args.batches,
+                                                             args.warmup)))
+                    print(rows[-1], flush=True)
 
     if args.photos > 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +152,8 @@ def main() -> None:
             label = f"folder: {args.photos} JPEGs 3000×2000 → {args.resolution}², decoded"
             for workers in args.workers:
                 for how, whole in (("whole", True), ("at a reduced scale", False)):
-                    cfg = DataConfig(source=tmp, resolution=args.resolution)
+                    # every epoch decoded again, so that the rows time the decoding (--photo-batches spans epochs)
+                    cfg = DataConfig(source=tmp, resolution=args.resolution, decoded_memory_mb=0)
                     original = DataConfig.decode_side
                     if whole:  # the loader before reduced-scale decoding: every JPEG decoded whole
                         DataConfig.decode_side = property(lambda self: None)

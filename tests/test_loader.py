@@ -152,3 +152,70 @@ def test_more_workers_than_records():
 def test_bad_arguments(kwargs):
     with pytest.raises(UserError):
         make_loader(DataConfig(size=4), **kwargs)
+
+
+@dataclasses.dataclass
+class CountingSource(FakeSource):
+    """A FakeSource that counts how often each image is decoded (in this process: workers=0)."""
+
+    loads: dict = dataclasses.field(default_factory=dict)
+
+    def records(self, shard=0, num_shards=1):
+        for record in super().records(shard, num_shards):
+            i = record.attributes["i"]
+            yield dataclasses.replace(record, load=functools.partial(self._load, record.load, i))
+
+    def _load(self, load, i):
+        self.loads[i] = self.loads.get(i, 0) + 1
+        return load()
+
+
+def _epochs(cfg, source, n_batches):
+    stream = iter(make_loader(cfg, batch_size=5, shuffle=True, repeat=True, source=source))
+    return [next(stream) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_a_repeating_stream_decodes_each_image_once_and_yields_what_decoding_every_time_would(crop):
+    cfg = DataConfig(resolution=24, crop=crop, seed=3)
+    kept, fresh = CountingSource(20, bad=frozenset({7})), CountingSource(20, bad=frozenset({7}))
+    with_memory = _epochs(cfg, kept, 15)  # 19 good records per epoch: about four epochs
+    without = _epochs(dataclasses.replace(cfg, decoded_memory_mb=0), fresh, 15)
+    assert keys(with_memory) == keys(without)
+    for a, b in zip(with_memory, without):
+        assert torch.equal(a["images"], b["images"])  # the same crops, drawn from the same random stream
+    assert set(kept.loads.values()) == {1}  # the corrupt one too: its failure is remembered
+    assert min(fresh.loads.values()) >= 3
+    assert len({tuple(b["images"][0].flatten()[:64].tolist()) for b in with_memory}) > 1
+
+
+def test_decoded_images_stop_being_kept_at_their_budget():
+    from dalle.data.pipeline import DecodedImages
+
+    memory = DecodedImages(max_bytes=2 * 24 * 24 * 3)
+    for i in range(4):
+        memory.put(f"k{i}", np.zeros((24, 24, 3), np.uint8))
+    assert sorted(memory.images) == ["k0", "k1"] and memory.used == memory.max_bytes
+    assert memory.get("k3") is None
+
+
+def test_training_epochs_share_the_runs_memory_of_decoded_images(tmp_path, monkeypatch):
+    from dalle.data import user
+    from dalle.data.loader import kept_images, training_epoch
+    from dalle.data.records import SkipStats
+
+    for i in range(6):
+        gradient(i).save(tmp_path / f"g{i}.png")
+        (tmp_path / f"g{i}.txt").write_text(f"gradient {i}")
+    opened = []
+    monkeypatch.setattr(user, "open_image", lambda *a, **k: opened.append(a[0]) or Image.open(a[0]))
+    cfg = DataConfig(source=str(tmp_path), resolution=16, val_fraction=0.0)
+
+    def two_epochs(memory):
+        opened.clear()
+        return [b["images"] for epoch in (0, 1) for b in training_epoch(cfg, 3, 0, epoch, SkipStats(), memory=memory)]
+
+    kept = two_epochs(kept_images(cfg))
+    assert len(opened) == 6  # the second epoch decoded nothing
+    assert all(torch.equal(a, b) for a, b in zip(kept, two_epochs(None))) and len(opened) == 12
+    assert kept_images(dataclasses.replace(cfg, decoded_memory_mb=0)) is None

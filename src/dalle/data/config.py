@@ -33,6 +33,8 @@ class DataConfig:
                                             "(the paper filters at 2)")
     min_image_side: int | None = option(None, "skip images whose shorter side is below this many pixels")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "decompression-bomb guard: skip images with more pixels than this")
+    decoded_memory_mb: int = option(1024, "MiB of resized images a training stream keeps so that later epochs do not "
+                                    "decode them again (shared by its data-loading processes; 0 = decode every time)")
     shapes_heldout: tuple[str, ...] = option(("red triangle", "blue circle", "yellow square"), "shapes: "
                                              "combinations kept out of train/val that form the 'heldout' split, each "
                                              "'COLOUR SHAPE' or 'COLOUR SHAPE RELATION COLOUR SHAPE' (e.g. 'red "
@@ -59,6 +61,7 @@ class DataConfig:
         check(self.max_aspect_ratio is None or self.max_aspect_ratio >= 1.0, self, "max_aspect_ratio",
               "must be >= 1")
         check(self.max_pixels > 0, self, "max_pixels", "must be positive")
+        check(self.decoded_memory_mb >= 0, self, "decoded_memory_mb", "must be >= 0")
         check(0.0 <= self.shapes_two_object_fraction <= 1.0, self, "shapes_two_object_fraction", "must be in [0, 1]")
         self.shapes_heldout = tuple(self.shapes_heldout)
         if self.source == "shapes":

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dalle.data.config import DataConfig
-from dalle.data.pipeline import iter_samples
+from dalle.data.pipeline import DecodedImages, iter_samples
 from dalle.data.records import Record, Sample, SkipStats, Source
 from dalle.data.registry import BUILTIN, open_source
 from dalle.errors import UserError
@@ -128,28 +128,37 @@ class BatchStream(IterableDataset):
     """
 
     def __init__(self, source: Source, cfg: DataConfig, batch_size: int, shuffle: bool = False,
-                 shuffle_buffer: int = 1000, repeat: bool = False, drop_last: bool = False, start_epoch: int = 0):
+                 shuffle_buffer: int = 1000, repeat: bool = False, drop_last: bool = False, start_epoch: int = 0,
+                 memory: DecodedImages | None = None):
         super().__init__()
         self.source, self.cfg, self.batch_size = source, cfg, batch_size
         self.shuffle, self.shuffle_buffer, self.repeat = shuffle, shuffle_buffer, repeat
-        self.drop_last, self.start_epoch = drop_last, start_epoch
+        self.drop_last, self.start_epoch, self.memory = drop_last, start_epoch, memory
         self.rank, self.world = process_ranks()  # here, in the main process: workers may not see the process group
 
-    def epoch_samples(self, epoch: int, shard: int, num_shards: int, stats: SkipStats) -> Iterator[Sample]:
+    def epoch_samples(self, epoch: int, shard: int, num_shards: int, stats: SkipStats,
+                      memory: DecodedImages | None = None) -> Iterator[Sample]:
         records = self.source.records(shard, num_shards)
         if self.shuffle:
             records = shuffled(records, self.shuffle_buffer, random.Random(f"{self.cfg.seed}:{epoch}:{shard}"))
         rng = np.random.default_rng([self.cfg.seed, epoch, shard])  # random crops differ per epoch and shard
-        yield from iter_samples(records, self.cfg, stats, rng)
+        yield from iter_samples(records, self.cfg, stats, rng, memory)
 
     def __iter__(self) -> Iterator[Batch]:
         shard, num_shards = shard_layout(self.rank, self.world)
         stats = SkipStats()
+        # Images met again in a later epoch are not decoded again: the caller's memory (kept between the epochs of a
+        # training run; a worker process fills its own copy, gone when the epoch ends), or the stream's own when it
+        # repeats (its budget shared by this rank's data-loading processes).
+        memory = self.memory
+        if memory is None and self.repeat:
+            info = get_worker_info()
+            memory = kept_images(self.cfg, info.num_workers if info is not None else 1)
         pending: list[Sample] = []
         epochs = itertools.count(self.start_epoch) if self.repeat else [self.start_epoch]
         for epoch in epochs:
             n_samples = 0
-            for sample in self.epoch_samples(epoch, shard, num_shards, stats):
+            for sample in self.epoch_samples(epoch, shard, num_shards, stats, memory):
                 n_samples += 1
                 pending.append(sample)
                 if len(pending) == self.batch_size:
@@ -208,12 +217,20 @@ class Loader:
                             + "; ".join(line.strip() for line in self.stats.summary().splitlines()) + hint)
 
 
+def kept_images(cfg: DataConfig, processes: int = 1) -> DecodedImages | None:
+    """A memory for the images a training run decodes (``cfg.decoded_memory_mb``, split between ``processes``), or
+    None when it is 0."""
+    budget = (cfg.decoded_memory_mb << 20) // processes
+    return DecodedImages(budget) if budget > 0 else None
+
+
 def training_epoch(cfg: DataConfig, batch_size: int, workers: int, epoch: int, stats: SkipStats,
-                   pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+                   pin_memory: bool = False, memory: DecodedImages | None = None) -> Iterator[dict[str, Any]]:
     """Epoch ``epoch`` of shuffled training batches (the incomplete last one dropped); what the epoch skipped is
-    added to ``stats`` when it ends or is abandoned."""
+    added to ``stats`` when it ends or is abandoned. ``memory`` (from :func:`kept_images`, kept by the caller between
+    epochs) spares decoding an image again when the data are loaded in this process (``workers`` 0)."""
     loader = make_loader(cfg, batch_size, workers, shuffle=True, drop_last=True, start_epoch=epoch,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, memory=memory if workers == 0 else None)
     try:
         yield from loader
     finally:
@@ -222,7 +239,7 @@ def training_epoch(cfg: DataConfig, batch_size: int, workers: int, epoch: int, s
 
 def make_loader(cfg: DataConfig, batch_size: int, workers: int = 0, shuffle: bool = False, repeat: bool = False,
                 drop_last: bool = False, shuffle_buffer: int = 1000, start_epoch: int = 0, pin_memory: bool = False,
-                source: Source | None = None) -> Loader:
+                source: Source | None = None, memory: DecodedImages | None = None) -> Loader:
     """Batches of the split ``cfg`` names (or of ``source``, opened from ``cfg`` by default); see :class:`Loader`."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
@@ -232,5 +249,5 @@ def make_loader(cfg: DataConfig, batch_size: int, workers: int = 0, shuffle: boo
         raise UserError(f"shuffle buffer must hold at least 1 record (got {shuffle_buffer})")
     source = source if source is not None else open_source(cfg)
     stream = BatchStream(source, cfg, batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer, repeat=repeat,
-                         drop_last=drop_last, start_epoch=start_epoch)
+                         drop_last=drop_last, start_epoch=start_epoch, memory=memory)
     return Loader(stream, workers, pin_memory=pin_memory)

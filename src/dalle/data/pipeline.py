@@ -59,27 +59,68 @@ def check_image_size(w: int, h: int, cfg: DataConfig) -> None:
         raise BadRecord("aspect ratio out of range")
 
 
-def to_sample(record: Record, cfg: DataConfig, transform: ImageTransform, rng: np.random.Generator) -> Sample:
-    """One record → one sample, or :class:`BadRecord`. Captions are checked before the (costlier) image decode."""
+class DecodedImages:
+    """The resized images (or the reason an image was unusable) that one training stream has decoded, by record key,
+    kept for its later epochs: a dataset of a few thousand images is decoded once instead of once per epoch. Stops
+    keeping new ones at ``max_bytes``; a key stands for one image (captions of one image share it)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used = max_bytes, 0
+        self.images: dict[str, np.ndarray | BadRecord] = {}
+
+    def get(self, key: str) -> np.ndarray | BadRecord | None:
+        return self.images.get(key)
+
+    def put(self, key: str, value: np.ndarray | BadRecord) -> None:
+        size = value.nbytes if isinstance(value, np.ndarray) else 256
+        if self.used + size <= self.max_bytes:
+            self.images[key] = value
+            self.used += size
+
+
+def _resized_image(record: Record, cfg: DataConfig, transform: ImageTransform, memory: DecodedImages | None
+                   ) -> np.ndarray:
+    kept = memory.get(record.key) if memory is not None else None
+    if isinstance(kept, BadRecord):
+        raise kept
+    if kept is not None:
+        return kept
+    try:
+        img = record.load()
+        check_image_size(*img.size, cfg)
+        image = transform.resized(img)
+    except BadRecord as e:
+        if memory is not None:
+            memory.put(record.key, e)
+        raise
+    if memory is not None:
+        memory.put(record.key, image)
+    return image
+
+
+def to_sample(record: Record, cfg: DataConfig, transform: ImageTransform, rng: np.random.Generator,
+              memory: DecodedImages | None = None) -> Sample:
+    """One record → one sample, or :class:`BadRecord`. Captions are checked before the (costlier) image decode,
+    which ``memory`` spares for an image met before."""
     if record.error:
         raise BadRecord(record.error)
     caption = clean_caption(record.caption)
     check_caption(caption, cfg)
-    img = record.load()
-    check_image_size(*img.size, cfg)
-    return Sample(record.key, caption, transform(img, rng), record.attributes)
+    image = _resized_image(record, cfg, transform, memory)
+    return Sample(record.key, caption, transform.cropped(image, rng), record.attributes)
 
 
 def iter_samples(records: Iterable[Record], cfg: DataConfig, stats: SkipStats | None = None,
-                 rng: np.random.Generator | None = None) -> Iterator[Sample]:
-    """Stream samples from records, skipping (and counting in ``stats``) every bad one."""
+                 rng: np.random.Generator | None = None, memory: DecodedImages | None = None) -> Iterator[Sample]:
+    """Stream samples from records, skipping (and counting in ``stats``) every bad one; ``memory`` keeps decoded
+    images for a stream that meets them again."""
     stats = stats if stats is not None else SkipStats()
     transform = ImageTransform(cfg.resolution, cfg.crop)
     rng = rng or np.random.default_rng(cfg.seed)
     for record in records:
         stats.seen += 1
         try:
-            sample = to_sample(record, cfg, transform, rng)
+            sample = to_sample(record, cfg, transform, rng, memory)
         except BadRecord as e:
             stats.skip(e.reason, record.key)
             continue

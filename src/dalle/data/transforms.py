@@ -48,23 +48,34 @@ class ImageTransform:
         check(self.crop in ("center", "random"), self, "crop", "must be 'center' or 'random'")
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        """``img`` → ``(resolution, resolution, 3) uint8``: :meth:`resized`, then :meth:`cropped`."""
+        return self.cropped(self.resized(img), rng)
+
+    def resized(self, img: Image.Image) -> np.ndarray:
+        """RGB, shorter side scaled to the resolution: ``(H, W, 3) uint8``, the part a training stream may keep."""
         img = to_rgb(img)
         r = self.resolution
         w, h = img.size
         if (w, h) != (r, r):
             scale = r / min(w, h)
-            nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
             # reducing_gap makes large down-scales fast (a box pre-shrink to 3× the size, then bicubic) at no visible
             # cost; the user sources' JPEGs arrive already decoded at a reduced scale (DataConfig.decode_side).
-            img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-            w, h = nw, nh
-            if self.crop == "random":
-                rng = rng or np.random.default_rng()
-                x, y = int(rng.integers(0, w - r + 1)), int(rng.integers(0, h - r + 1))
-            else:
-                x, y = (w - r) // 2, (h - r) // 2
-            img = img.crop((x, y, x + r, y + r))
+            img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
         return np.asarray(img, dtype=np.uint8)
+
+    def cropped(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The square ``(resolution, resolution, 3)`` crop of a :meth:`resized` image: centred, or at a place drawn
+        from ``rng``."""
+        r = self.resolution
+        h, w = image.shape[:2]
+        if (h, w) == (r, r):
+            return image
+        if self.crop == "random":
+            rng = rng or np.random.default_rng()
+            x, y = int(rng.integers(0, w - r + 1)), int(rng.integers(0, h - r + 1))
+        else:
+            x, y = (w - r) // 2, (h - r) // 2
+        return image[y: y + r, x: x + r]
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 
 from dalle.config import check, option, to_dict
 from dalle.data.config import DataConfig
-from dalle.data.loader import make_loader, training_epoch
+from dalle.data.loader import kept_images, make_loader, training_epoch
 from dalle.data.records import SkipStats
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
@@ -187,6 +187,7 @@ class RerankerTask(Task):
                                                         data.resolution)
         if self.model_cfg.resolution != data.resolution:
             raise ValueError(f"model resolution {self.model_cfg.resolution} != data resolution {data.resolution}")
+        self.decoded = kept_images(data)  # epochs after the first decode no image again (with --workers 0)
         self.stats = SkipStats()
         self._val: tuple[torch.Tensor, list[str]] | None = None
 
@@ -207,7 +208,7 @@ class RerankerTask(Task):
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         return training_epoch(self.data, self.cfg.batch_size, self.cfg.workers, epoch, self.stats,
-                              pin_memory=self.device.type == "cuda")
+                              pin_memory=self.device.type == "cuda", memory=self.decoded)
 
     def _reranker(self, model: nn.Module) -> Reranker:
         return Reranker(model, self.tokenizer)
