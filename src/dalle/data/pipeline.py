@@ -66,12 +66,12 @@ class DecodedImages:
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.used = max_bytes, 0
-        self.images: dict[str, np.ndarray | BadRecord] = {}
+        self.images: dict[str, np.ndarray | str] = {}  # the image, or the skip reason
 
-    def get(self, key: str) -> np.ndarray | BadRecord | None:
+    def get(self, key: str) -> np.ndarray | str | None:
         return self.images.get(key)
 
-    def put(self, key: str, value: np.ndarray | BadRecord) -> None:
+    def put(self, key: str, value: np.ndarray | str) -> None:
         size = value.nbytes if isinstance(value, np.ndarray) else 256
         if self.used + size <= self.max_bytes:
             self.images[key] = value
@@ -81,8 +81,8 @@ class DecodedImages:
 def _resized_image(record: Record, cfg: DataConfig, transform: ImageTransform, memory: DecodedImages | None
                    ) -> np.ndarray:
     kept = memory.get(record.key) if memory is not None else None
-    if isinstance(kept, BadRecord):
-        raise kept
+    if isinstance(kept, str):
+        raise BadRecord(kept)  # a new exception each time: one raised again would grow its traceback every epoch
     if kept is not None:
         return kept
     try:
@@ -91,7 +91,7 @@ def _resized_image(record: Record, cfg: DataConfig, transform: ImageTransform, m
         image = transform.resized(img)
     except BadRecord as e:
         if memory is not None:
-            memory.put(record.key, e)
+            memory.put(record.key, e.reason)
         raise
     if memory is not None:
         memory.put(record.key, image)
