@@ -52,8 +52,11 @@ from dalle.training.schedules import learning_rate
 log = logging.getLogger(__name__)
 
 # --time-limit: the run's length is planned from the speed of this session's first PLAN_AFTER updates, then again
-# every PLAN_EVERY updates (the speed of a shared machine drifts, and evaluations add their share as they happen).
-PLAN_AFTER, PLAN_EVERY = 10, 25
+# every PLAN_EVERY updates (the speed of a shared machine drifts, and evaluations add their share as they happen). The
+# speed is measured from update PLAN_WARMUP on: the first updates pay for the first batch, kernel choice and memory
+# (in `make demo`'s dVAE the first ten took 12% longer than the average, and the first plan cut the run by 4% before
+# later ones restored it, changing the schedules on the way).
+PLAN_WARMUP, PLAN_AFTER, PLAN_EVERY = 3, 10, 25
 
 
 class Task(abc.ABC):
@@ -353,6 +356,7 @@ class Trainer:
         self._session_start = time.perf_counter()
         self._saved_step = self.step
         self._session_first_step, self._max_steps = self.step, cfg.steps
+        self._speed_start = self._session_start  # from update PLAN_WARMUP of this session on (see _plan)
         if main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             ck.write_text_atomic(cfg.out / "config.json", _json(self._run_config()))
@@ -393,11 +397,13 @@ class Trainer:
         """With a time limit: lay the run out over the updates that fit in the time left at the speed measured in
         this session so far (its evaluations included), between one more update and the --steps given."""
         limit, done = self.cfg.time_limit, self.step - self._session_first_step
+        if done == PLAN_WARMUP:
+            self._speed_start = time.perf_counter()
         if limit is None or done < PLAN_AFTER or (done - PLAN_AFTER) % PLAN_EVERY or self.step >= self.cfg.steps:
             return
         # Every process plans from the same (averaged) numbers, so they all stop after the same update.
-        clock = self.procs.mean({"session": time.perf_counter() - self._session_start, "elapsed": self._elapsed()})
-        per_update = clock["session"] / done
+        clock = self.procs.mean({"measured": time.perf_counter() - self._speed_start, "elapsed": self._elapsed()})
+        per_update = clock["measured"] / (done - PLAN_WARMUP)
         fits = self.step + int(0.98 * (limit - clock["elapsed"]) / per_update)
         steps = max(self.step + 1, min(self._max_steps, fits))
         if steps == self.cfg.steps:
