@@ -34,10 +34,10 @@ PIPELINE_AMP = ("auto", "bf16", "none")
 PIPELINE_DATA = ("source", "split", "seed", "resolution", "size", "val_fraction")
 # --time-budget: the training stages' shares of it, handed on as their --time-limit. The rest is left to the stages
 # without updates to plan (tokenizer, token cache, evaluation): 13-16% of `make demo` on 2 cores. On a bf16 CPU
-# `make demo`'s dVAE (3,000 updates at 48 px) needs about 38% and its prior (1,200 updates of 12×12 codes) about 31%;
-# in fp32 the prior is what falls short first, and held-out captions suffer most from it (bench/RESULTS.md,
-# "`make demo` at 48 px").
-BUDGET_SHARES = {"dvae": 0.40, "prior": 0.37, "reranker": 0.06}
+# `make demo`'s dVAE (3,000 updates at 48 px) needs 37-40% and its prior (1,200 updates of 12×12 codes) 30-31%, its
+# reranker 4%; in fp32 the prior is what falls short first, and held-out captions suffer most from it
+# (bench/RESULTS.md, "`make demo` at 48 px").
+BUDGET_SHARES = {"dvae": 0.42, "prior": 0.36, "reranker": 0.05}
 
 
 @dataclasses.dataclass
