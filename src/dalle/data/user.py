@@ -82,8 +82,11 @@ class _Picker:
         self.size = cfg.size if size is None else size
         self.index = 0
 
+    def in_split(self, key: str) -> bool:
+        return in_val_split(key, self.fraction, self.seed) == self.val
+
     def take(self, key: str) -> bool:
-        if self.full or in_val_split(key, self.fraction, self.seed) != self.val:
+        if self.full or not self.in_split(key):
             return False
         self.index += 1
         return (self.index - 1) % self.num_shards == self.shard
@@ -151,12 +154,14 @@ class FolderSource:
     cfg: DataConfig
 
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[Record]:
-        pick = _Picker(self.cfg, shard, num_shards)
+        pick, open_ = _Picker(self.cfg, shard, num_shards), _opener(self.cfg)
         for path in _walk_images(self.root):
             if pick.full:
                 return
             key = path.relative_to(self.root).as_posix()
-            load = functools.partial(_opener(self.cfg), path)
+            if not pick.in_split(key):
+                continue  # the other split's caption file is not even read
+            load = functools.partial(open_, path)
             for caption in caption_lines(_read_caption(path.with_suffix(".txt"))):
                 if pick.full:
                     return
@@ -401,7 +406,7 @@ class CocoSource:
     cfg: DataConfig
 
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[Record]:
-        pick = _Picker(self.cfg, shard, num_shards)
+        pick, open_ = _Picker(self.cfg, shard, num_shards), _opener(self.cfg)
         for n, ann in enumerate(self.annotations):
             if pick.full:
                 return
@@ -409,7 +414,7 @@ class CocoSource:
             if file is None:
                 record = Record.failed(f"annotation {n}", "annotation without a known image")
             else:
-                load = functools.partial(_opener(self.cfg), self.image_root / file)
+                load = functools.partial(open_, self.image_root / file)
                 record = Record(file, _caption_value(ann.get("caption")), load, {"annotation_id": ann.get("id")})
             if pick.take(record.key):  # the image's file name: all its captions land in the same split
                 yield record
