@@ -222,6 +222,10 @@ class ManifestSource:
     cfg: DataConfig
     rows: list[Any] | None = None  # a .json list manifest, already parsed; None: stream the file
 
+    @functools.cached_property
+    def _open(self) -> Opener:
+        return _opener(self.cfg)
+
     def _rows(self) -> Iterator[tuple[int, Any]]:
         if self.rows is not None:
             return enumerate(self.rows, 1)
@@ -249,7 +253,7 @@ class ManifestSource:
         if "://" in value:
             return [Record.failed(value, "remote URL (download the images first)")]
         image = Path(value) if os.path.isabs(value) else self.path.parent / value
-        load = functools.partial(_opener(self.cfg), image)
+        load = functools.partial(self._open, image)
         captions = row.get(caption_col) if caption_col else None
         if not isinstance(captions, list) or not captions:
             captions = [captions]
