@@ -193,6 +193,12 @@ def test_eval_writes_metrics_plots_and_a_report_whose_links_resolve(tiny_run, ca
     assert set(comp) == {"heldout", "train"} and set(size["accuracy"]) == {"heldout", "train"}
     assert all(0 <= comp[s][k]["all"] <= comp[s][k]["color"] <= 1 for s in comp for k in ("reranked", "unreranked"))
     assert size["accuracy"]["heldout"][-1] == comp["heldout"]["reranked"]["all"]
+    # The training captions hold the held-out set's mix of caption kinds, and the kinds' rates add up to the whole.
+    counts = {s: {kind: k["captions"] for kind, k in comp[s]["by_kind"].items()} for s in comp}
+    assert counts["train"] == counts["heldout"] and sum(counts["train"].values()) == 3
+    for s in comp:
+        assert sum(k["captions"] * k["reranked"] for k in comp[s]["by_kind"].values()) == pytest.approx(
+            3 * comp[s]["reranked"]["all"])
     ceiling = m["compositional"]["ceiling"]
     assert ceiling["images"] == 6 and ceiling["real"]["all"] >= 5 / 6  # the checker reads real images
     assert 0 <= ceiling["reconstructions"]["all"] <= 1 and "dVAE reconstructions (the ceiling" in printed
@@ -206,6 +212,31 @@ def test_eval_writes_metrics_plots_and_a_report_whose_links_resolve(tiny_run, ca
     assert report.unresolved_links(out / "report.html") == []
     text = (out / "report.html").read_text(encoding="utf-8")
     assert "Samples for held-out captions" in text and "Samples for training captions" in text
+    assert "By caption kind" in text and "reranked, by caption kind: " in printed
+
+
+def test_caption_sets_can_hold_a_given_mix_of_caption_kinds(tiny_run):
+    from dalle.data.token_cache import TokenCache
+    from dalle.evaluation.eval_sets import cache_captions, caption_kind, kind_counts
+
+    assert caption_kind({"objects": [{}]}) == "1 object" and caption_kind({"objects": [{}, {}]}) == "2 objects"
+    assert caption_kind(None) is None and caption_kind({"name": "grinning face"}) is None
+    cache = TokenCache(tiny_run / "cache" / "train")
+    kinds = [caption_kind(cache.row(i)["attributes"]) for i in range(len(cache))]
+    have = {kind: kinds.count(kind) for kind in set(kinds)}
+    assert set(have) == {"1 object", "2 objects"}, have
+    # Spread evenly without a mix (as before); with one, exactly the counts asked for where the split has them.
+    plain = cache_captions(tiny_run, "train", 4, "t")
+    assert plain.captions == [cache.row(i)["caption"] for i in (0, 4, 7, 11)]
+    for ones in range(0, min(4, have["1 object"]) + 1):
+        if 4 - ones > have["2 objects"]:
+            continue
+        mixed = cache_captions(tiny_run, "train", 4, "t", match={"1 object": ones, "2 objects": 4 - ones})
+        assert kind_counts(mixed) == {k: v for k, v in {"1 object": ones, "2 objects": 4 - ones}.items() if v}
+        assert len(set(mixed.captions)) == 4 or len(set(map(str, mixed.attributes))) == 4
+    # A kind the split lacks is filled up with the others, so the set keeps its size.
+    short = cache_captions(tiny_run, "train", 5, "t", match={"2 objects": 5, "3 objects": 0})
+    assert len(short.captions) == 5 and kind_counts(short)["2 objects"] == min(5, have["2 objects"])
 
 
 def test_reranked_image_is_the_best_scored_candidate(tiny_run):

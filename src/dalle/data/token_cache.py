@@ -281,6 +281,11 @@ class TokenCache(Dataset):
                 self._captions[chunk] = [json.loads(line) for line in f]
         return self._captions[chunk]
 
+    def row(self, i: int) -> dict[str, Any]:
+        """``{"key", "caption", "attributes"}`` of record ``i``, without reading its codes."""
+        chunk, j = self._locate(i)
+        return self._chunk_rows(chunk)[j]
+
     def record(self, i: int) -> dict[str, Any]:
         """``{"codes": (g, g) int64 tensor, "key", "caption", "attributes"}`` of record ``i``."""
         chunk, j = self._locate(i)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +37,48 @@ class CaptionSet:
     attributes: list[dict[str, Any] | None]
 
 
-def cache_captions(run: Path, split: str, n: int, title: str) -> CaptionSet:
-    """``n`` records spread evenly over the split's cache (a file-ordered dataset may be sorted by topic)."""
+def caption_kind(attributes: Mapping[str, Any] | None) -> str | None:
+    """The form of a caption where its record's attributes say it: "1 object" or "2 objects" on shapes (one
+    object in a place, or two in a relation); ``None`` where the data does not say."""
+    objects = (attributes or {}).get("objects")
+    if not isinstance(objects, list) or not objects:
+        return None
+    return f"{len(objects)} object{'s' if len(objects) > 1 else ''}"
+
+
+def _spread(indices: Sequence[int], n: int) -> list[int]:
+    """``n`` of ``indices`` spread evenly over them (a file-ordered dataset may be sorted by topic)."""
+    if n <= 0 or not indices:
+        return []
+    return [indices[int(i)] for i in np.unique(np.linspace(0, len(indices) - 1, min(n, len(indices))).round())]
+
+
+def cache_captions(run: Path, split: str, n: int, title: str, match: Mapping[str, int] | None = None) -> CaptionSet:
+    """``n`` records spread evenly over the split's cache.
+
+    ``match`` (caption kind → count, see :func:`caption_kind`) picks that many records of each kind instead, so that
+    two sets compared with each other hold the same mix: on shapes, two-object captions are much harder than
+    one-object ones, and 48 records spread evenly held 33% of them in one split and 48% in the other. A kind the
+    split has too few records of is filled up with records of the other kinds.
+    """
     cache = TokenCache(run / "cache" / split)
-    rows = [cache.record(int(i)) for i in np.unique(np.linspace(0, len(cache) - 1, min(n, len(cache))).round())]
+    everything = range(len(cache))
+    if match:
+        by_kind: dict[str | None, list[int]] = {}
+        for i in everything:
+            by_kind.setdefault(caption_kind(cache.row(i)["attributes"]), []).append(i)
+        chosen = [i for kind, count in sorted(match.items()) for i in _spread(by_kind.get(kind, []), count)]
+        rest = sorted(set(everything) - set(chosen))
+        picked = sorted(chosen + _spread(rest, min(n, len(cache)) - len(chosen)))
+    else:
+        picked = _spread(list(everything), n)
+    rows = [cache.row(i) for i in picked]
     return CaptionSet(split, title, [r["caption"] for r in rows], [r["attributes"] for r in rows])
+
+
+def kind_counts(captions: CaptionSet) -> dict[str, int]:
+    """How many captions of the set are of each known kind (see :func:`caption_kind`)."""
+    return dict(Counter(k for k in map(caption_kind, captions.attributes) if k is not None))
 
 
 def training_captions(run: Path) -> set[str]:

@@ -186,8 +186,16 @@ def _compositional(m: Mapping[str, Any]) -> str:
         note += (" The last two rows are the ceiling: the checker on real validation images, and on the same images "
                  "encoded to codes and decoded. Samples are decoded from codes too, so no prior can beat the "
                  "reconstructions' row with this dVAE.")
-    return ("<h2>Compositional accuracy</h2><p>" + note + "</p>"
-            + _table(["captions", "samples", *(ATTRIBUTE_NAMES[a] for a in names)], rows))
+    html_out = ("<h2>Compositional accuracy</h2><p>" + note + "</p>"
+                + _table(["captions", "samples", *(ATTRIBUTE_NAMES[a] for a in names)], rows))
+    kind_rows = [[html.escape(entry["title"]), html.escape(kind), str(k["captions"]),
+                  fmt(k["reranked"], percent=True), fmt(k["unreranked"], percent=True)]
+                 for entry in comp["sets"].values() for kind, k in (entry.get("by_kind") or {}).items()]
+    if kind_rows:
+        html_out += ("<p>By caption kind (all stated attributes). The training captions are chosen with the held-out "
+                     "set's mix of kinds, so that the two sets' accuracies compare.</p>"
+                     + _table(["captions", "kind", "count", "reranked", "unreranked (first draw)"], kind_rows))
+    return html_out
 
 
 def _figures(out_dir: Path, title: str, figures: Sequence[Figure], side_by_side: bool = False) -> str:

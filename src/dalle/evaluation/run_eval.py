@@ -43,7 +43,9 @@ from dalle.evaluation.eval_sets import (
     CaptionSet,
     Samples,
     cache_captions,
+    caption_kind,
     draw,
+    kind_counts,
     load_real,
     normal_caption,
     split_data,
@@ -224,11 +226,14 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     with _phase(seconds, "real images"):
         real, real_captions = load_real(split_data(run, "val"), cfg.real_images)
         captions = real_captions[:cfg.captions]
-        sets = [CaptionSet("val", "validation captions", captions, [None] * len(captions)),
-                cache_captions(run, "train", cfg.captions, "training captions")]
+        sets = [CaptionSet("val", "validation captions", captions, [None] * len(captions))]
+        heldout = None
         if (run / "cache" / "heldout" / "meta.json").is_file():
-            sets.append(cache_captions(run, "heldout", cfg.captions, "held-out captions (compositions never seen "
-                                                                     "in training)"))
+            heldout = cache_captions(run, "heldout", cfg.captions, "held-out captions (compositions never seen in "
+                                                                   "training)")
+        # The training captions hold the held-out set's mix of caption kinds, so that the two accuracies compare.
+        sets += [cache_captions(run, "train", cfg.captions, "training captions",
+                                match=kind_counts(heldout) if heldout else None), *([heldout] if heldout else [])]
         floor, _ = load_real(split_data(run, "train"), len(captions))  # as many as generated validation images
     with _phase(seconds, "generation"):
         generator = Generator.from_run(run, device=device, batch_size=cfg.sample_batch_size, reranker=reranker)
@@ -299,7 +304,8 @@ def compositional(source: str, samples: dict[str, Samples], metrics: dict[str, A
         s = samples[name]
         stated = [a if a is not None else c for a, c in zip(s.captions.attributes, s.captions.captions)]
         verdicts[name] = v = sm.check_samples(checker, s.candidates, s.reranked, stated)
-        entries[name] = {"title": s.captions.title, **sm.accuracy_summary(v)}
+        entries[name] = {"title": s.captions.title, **sm.accuracy_summary(v),
+                         "by_kind": sm.accuracy_by_kind(v, [caption_kind(a) for a in s.captions.attributes])}
         curve[name] = [v.accuracy_at(s.scores[:, :n].argmax(1).tolist()) for n in sizes]
     metrics["compositional"] = {"checker": "shapes", "sets": entries}
     metrics["curves"]["sample_size"]["accuracy"] = curve
@@ -416,8 +422,10 @@ def headline(m: dict[str, Any]) -> list[str]:
     lines.append(f"{d['cs_label']}: {cs['reranked']:.2f} reranked, {cs['unreranked']:.2f} first draw (real pairs "
                  f"{cs['real']:.2f})")
     for entry in (m["compositional"].get("sets") or {}).values():
+        kinds = ", ".join(f"{kind} {k['reranked']:.1%}" for kind, k in (entry.get("by_kind") or {}).items())
         lines.append(f"compositional accuracy on {entry['title']}: {entry['reranked']['all']:.1%} reranked, "
-                     f"{entry['unreranked']['all']:.1%} first draw")
+                     f"{entry['unreranked']['all']:.1%} first draw"
+                     + (f" (reranked, by caption kind: {kinds})" if kinds else ""))
     if ceiling := m["compositional"].get("ceiling"):
         lines.append(f"the checker accepts {ceiling['real']['all']:.1%} of real validation images and "
                      f"{ceiling['reconstructions']['all']:.1%} of their dVAE reconstructions (the ceiling for samples)")

@@ -207,5 +207,16 @@ def accuracy_summary(verdicts: Verdicts) -> dict[str, dict[str, float]]:
     return {"reranked": summarize(verdicts.reranked), "unreranked": summarize(verdicts.unreranked)}
 
 
+def accuracy_by_kind(verdicts: Verdicts, kinds: Sequence[str | None]) -> dict[str, dict[str, float | int]]:
+    """Fraction entirely correct, reranked and first draw, among the captions of each kind (e.g. "1 object")."""
+    out: dict[str, dict[str, float | int]] = {}
+    for kind in sorted({k for k in kinds if k is not None}):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        out[kind] = {"captions": len(rows),
+                     "reranked": sum(verdicts.reranked[i].all_correct for i in rows) / len(rows),
+                     "unreranked": sum(verdicts.candidates[i][0].all_correct for i in rows) / len(rows)}
+    return out
+
+
 def verdict_dict(result: CheckResult) -> dict[str, bool | None]:
     return {name: getattr(result, name) for name in ATTRIBUTES}
