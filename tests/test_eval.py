@@ -137,6 +137,11 @@ def test_checker_verdicts_give_accuracy_per_sample_size():
     assert verdicts.accuracy_at([1, 0, 0]) == pytest.approx(1 / 3)
     summary = sm.accuracy_summary(verdicts)
     assert summary["reranked"]["all"] == 1 and summary["unreranked"]["all"] == 0 and summary["unreranked"]["color"] == 0
+    # Half of all candidates are right, and every caption has a right one.
+    assert summary["every_candidate"]["all"] == 0.5 and summary["any_candidate"] == 1
+    assert verdicts.any_correct([0, 1]) == 1
+    wrong_only = sm.check_samples(ShapesChecker(), candidates[:, :1], images, captions)
+    assert wrong_only.any_correct() == 0 and sm.accuracy_by_kind(wrong_only, [None] * 3) == {}
 
 
 # ----------------------------------------------------------------------------------------------------- a tiny run
@@ -193,6 +198,9 @@ def test_eval_writes_metrics_plots_and_a_report_whose_links_resolve(tiny_run, ca
     assert set(comp) == {"heldout", "train"} and set(size["accuracy"]) == {"heldout", "train"}
     assert all(0 <= comp[s][k]["all"] <= comp[s][k]["color"] <= 1 for s in comp for k in ("reranked", "unreranked"))
     assert size["accuracy"]["heldout"][-1] == comp["heldout"]["reranked"]["all"]
+    for s in comp:  # a perfect reranker would do at least as well as ours and as the first draw
+        assert comp[s]["any_candidate"] >= max(comp[s]["reranked"]["all"], comp[s]["unreranked"]["all"])
+        assert 0 <= comp[s]["every_candidate"]["all"] <= comp[s]["any_candidate"]
     # The training captions hold the held-out set's mix of caption kinds, and the kinds' rates add up to the whole.
     counts = {s: {kind: k["captions"] for kind, k in comp[s]["by_kind"].items()} for s in comp}
     assert counts["train"] == counts["heldout"] and sum(counts["train"].values()) == 3

@@ -424,8 +424,8 @@ def headline(m: dict[str, Any]) -> list[str]:
     for entry in (m["compositional"].get("sets") or {}).values():
         kinds = ", ".join(f"{kind} {k['reranked']:.1%}" for kind, k in (entry.get("by_kind") or {}).items())
         lines.append(f"compositional accuracy on {entry['title']}: {entry['reranked']['all']:.1%} reranked, "
-                     f"{entry['unreranked']['all']:.1%} first draw"
-                     + (f" (reranked, by caption kind: {kinds})" if kinds else ""))
+                     f"{entry['unreranked']['all']:.1%} first draw, {entry['any_candidate']:.1%} with a right "
+                     "candidate" + (f" (reranked, by caption kind: {kinds})" if kinds else ""))
     if ceiling := m["compositional"].get("ceiling"):
         lines.append(f"the checker accepts {ceiling['real']['all']:.1%} of real validation images and "
                      f"{ceiling['reconstructions']['all']:.1%} of their dVAE reconstructions (the ceiling for samples)")

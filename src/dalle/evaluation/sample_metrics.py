@@ -190,6 +190,11 @@ class Verdicts:
     def unreranked(self) -> list[CheckResult]:
         return [row[0] for row in self.candidates]
 
+    def any_correct(self, rows: Sequence[int] | None = None) -> float:
+        """Fraction of captions with at least one candidate entirely correct: what a perfect reranker would reach."""
+        rows = range(len(self.candidates)) if rows is None else rows
+        return sum(any(r.all_correct for r in self.candidates[i]) for i in rows) / len(rows)
+
     def accuracy_at(self, picks: Sequence[int]) -> float:
         """Fraction of captions whose picked candidate shows everything the caption states."""
         return sum(row[j].all_correct for row, j in zip(self.candidates, picks)) / len(picks)
@@ -202,9 +207,13 @@ def check_samples(checker: ShapesChecker, candidates: np.ndarray, reranked: np.n
                     [checker.check(image, s) for image, s in zip(reranked, stated)])
 
 
-def accuracy_summary(verdicts: Verdicts) -> dict[str, dict[str, float]]:
-    """Per-attribute accuracy (and ``"all"``) of the reranked picks and of the first draws."""
-    return {"reranked": summarize(verdicts.reranked), "unreranked": summarize(verdicts.unreranked)}
+def accuracy_summary(verdicts: Verdicts) -> dict[str, Any]:
+    """Per-attribute accuracy (and ``"all"``) of the reranked picks, of the first draws and of every candidate (the
+    prior's own rate, from N times as many samples as the first draws), and ``"any_candidate"``: the fraction of
+    captions that a perfect reranker would get right."""
+    return {"reranked": summarize(verdicts.reranked), "unreranked": summarize(verdicts.unreranked),
+            "every_candidate": summarize([r for row in verdicts.candidates for r in row]),
+            "any_candidate": verdicts.any_correct()}
 
 
 def accuracy_by_kind(verdicts: Verdicts, kinds: Sequence[str | None]) -> dict[str, dict[str, float | int]]:
@@ -214,7 +223,8 @@ def accuracy_by_kind(verdicts: Verdicts, kinds: Sequence[str | None]) -> dict[st
         rows = [i for i, k in enumerate(kinds) if k == kind]
         out[kind] = {"captions": len(rows),
                      "reranked": sum(verdicts.reranked[i].all_correct for i in rows) / len(rows),
-                     "unreranked": sum(verdicts.candidates[i][0].all_correct for i in rows) / len(rows)}
+                     "unreranked": sum(verdicts.candidates[i][0].all_correct for i in rows) / len(rows),
+                     "any_candidate": verdicts.any_correct(rows)}
     return out
 
 
