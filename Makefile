@@ -21,12 +21,12 @@ test: lint
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# 12 minutes for the stages, so that set-up included it ends within 15 on 2 cores: on a machine without bf16
+# 12.5 minutes for the stages, so that set-up included it ends within 15 on 2 cores: on a machine without bf16
 # arithmetic the dVAE and the prior take fewer of their steps (bench/RESULTS.md, "`make demo` end to end"). 48-px
 # images with 12×12 codes: small shapes keep their form, which the 64-px 8×8 grid turns into blobs
 # (bench/RESULTS.md, "`make demo` at 48 px").
 demo: setup
-	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000 --dvae-preset tiny-48 --time-budget 720
+	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000 --dvae-preset tiny-48 --time-budget 750
 
 # The same job with 16×16 codes and the updates they need: samples with recognisable shapes, about 47 minutes on
 # 2 CPU cores (bench/RESULTS.md, "The 16×16 grid end to end").
