@@ -269,6 +269,22 @@ def test_time_limit_measures_the_speed_after_the_first_updates(tmp_path, monkeyp
     assert trainer.run().step == 47
 
 
+def test_time_limit_waits_for_the_speed_to_settle_before_cutting_the_run(tmp_path, monkeypatch):
+    import dalle.training.loop as loop
+
+    clock = _Clock()
+    monkeypatch.setattr(loop.time, "perf_counter", clock)
+    monkeypatch.setattr(loop, "PLAN_SETTLE", 20)
+    monkeypatch.setattr(loop, "PLAN_SETTLE_FRACTION", 0.5)
+    # A slow start that outlasts PLAN_AFTER: 12 updates of 1.5 s, then 1 s each, 86 s for all 80 within 100 s. Planned
+    # from the first ten the run would be cut to 65 updates (and restored later, its schedules changed on the way).
+    task = _timed(DVAETask, clock, first_updates=(1.5,) * 12)
+    plans = []
+    task.set_steps = lambda self, steps, _set=task.set_steps: (plans.append(steps), _set(self, steps))[1]
+    trainer = make_trainer(tmp_path / "run", task, restart_every=0, steps=80, eval_every=1000, time_limit=100.0)
+    assert trainer.run().step == 80 and plans == []
+
+
 @pytest.mark.parametrize("limit, expected", [(60.0, 59), (10_000.0, 80)])
 def test_time_limit_lays_the_run_out_over_the_updates_that_fit(tmp_path, monkeypatch, limit, expected):
     import dalle.training.loop as loop

@@ -51,12 +51,14 @@ from dalle.training.schedules import learning_rate
 
 log = logging.getLogger(__name__)
 
-# --time-limit: the run's length is planned from the speed of this session's first PLAN_AFTER updates, then again
-# every PLAN_EVERY updates (the speed of a shared machine drifts, and evaluations add their share as they happen). The
-# speed is measured from update PLAN_WARMUP on: the first updates pay for the first batch, kernel choice and memory
-# (in `make demo`'s dVAE the first ten took 12% longer than the average, and the first plan cut the run by 4% before
-# later ones restored it, changing the schedules on the way).
-PLAN_WARMUP, PLAN_AFTER, PLAN_EVERY = 3, 10, 25
+# --time-limit: the run's length is planned once the speed has settled, then again every PLAN_EVERY updates (the
+# speed of a shared machine drifts, and evaluations add their share as they happen). Each plan reads the speed of the
+# later half of this session's updates, never of the first PLAN_WARMUP: the first updates pay for the first batch,
+# kernel choice and memory, and on a freshly set-up machine `make demo`'s dVAE ran its first 30 or so updates 30%
+# slower. A plan cut short on such a start is restored later, but the schedules have changed on the way (a dVAE
+# keeping 45% of shapes instead of 55%). The first plan waits for PLAN_SETTLE updates, or for PLAN_SETTLE_FRACTION of
+# the limit where updates are slow, and for at least PLAN_AFTER.
+PLAN_WARMUP, PLAN_AFTER, PLAN_EVERY, PLAN_SETTLE, PLAN_SETTLE_FRACTION = 3, 10, 25, 50, 0.05
 
 
 class Task(abc.ABC):
@@ -356,7 +358,8 @@ class Trainer:
         self._session_start = time.perf_counter()
         self._saved_step = self.step
         self._session_first_step, self._max_steps = self.step, cfg.steps
-        self._speed_start = self._session_start  # from update PLAN_WARMUP of this session on (see _plan)
+        self._update_times: list[float] = []  # the clock after each update of this session from PLAN_WARMUP on
+        self._next_plan: int | None = None  # updates of this session after which to plan next (None: not yet settled)
         if main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             ck.write_text_atomic(cfg.out / "config.json", _json(self._run_config()))
@@ -397,13 +400,24 @@ class Trainer:
         """With a time limit: lay the run out over the updates that fit in the time left at the speed measured in
         this session so far (its evaluations included), between one more update and the --steps given."""
         limit, done = self.cfg.time_limit, self.step - self._session_first_step
-        if done == PLAN_WARMUP:
-            self._speed_start = time.perf_counter()
-        if limit is None or done < PLAN_AFTER or (done - PLAN_AFTER) % PLAN_EVERY or self.step >= self.cfg.steps:
+        if limit is None:
             return
+        if done >= PLAN_WARMUP:
+            self._update_times.append(time.perf_counter())  # index i: after update PLAN_WARMUP + i
+        if done < PLAN_AFTER or self.step >= self.cfg.steps:
+            return
+        if self._next_plan is None:
+            # Every process takes the same decision (any of them past the fraction), so they plan together.
+            if done < PLAN_SETTLE and not self.procs.any(self._elapsed() >= PLAN_SETTLE_FRACTION * limit):
+                return
+        elif done < self._next_plan:
+            return
+        self._next_plan = done + PLAN_EVERY
+        start = max(PLAN_WARMUP, done // 2)
         # Every process plans from the same (averaged) numbers, so they all stop after the same update.
-        clock = self.procs.mean({"measured": time.perf_counter() - self._speed_start, "elapsed": self._elapsed()})
-        per_update = clock["measured"] / (done - PLAN_WARMUP)
+        clock = self.procs.mean({"measured": self._update_times[-1] - self._update_times[start - PLAN_WARMUP],
+                                 "elapsed": self._elapsed()})
+        per_update = clock["measured"] / (done - start)
         fits = self.step + int(0.98 * (limit - clock["elapsed"]) / per_update)
         steps = max(self.step + 1, min(self._max_steps, fits))
         if steps == self.cfg.steps:
