@@ -178,6 +178,14 @@ def test_pipeline_time_budget_gives_each_training_stage_its_share_as_a_time_limi
     assert not any("--time-limit" in command for commands in _stage_argv([]).values() for command in commands)
 
 
+def test_pipeline_prior_evaluates_four_times_in_its_run():
+    from dalle.cli import build_parser
+
+    for steps, every in (("1600", 400), ("1000", 250), ("1601", 401)):
+        args = build_parser().parse_args(_stage_argv(["--prior-steps", steps])["prior"][0])
+        assert args.eval_every == every
+
+
 def test_pipeline_images_take_the_dvae_presets_size_unless_given(tmp_path, capsys):
     def resolution(argv):
         return {cmd[cmd.index("--data-resolution") + 1] for cmds in _stage_argv(argv).values() for cmd in cmds
