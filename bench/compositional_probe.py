@@ -23,19 +23,12 @@ import numpy as np
 import torch
 
 from dalle.evaluation import sample_metrics as sm
+from dalle.evaluation.blur import doubling_sizes
 from dalle.evaluation.eval_sets import cache_captions, caption_kind, draw, kind_counts
 from dalle.evaluation.run_eval import EvalConfig
 from dalle.evaluation.shapes_checker import ATTRIBUTES, ShapesChecker
 from dalle.generation import Generator
 from dalle.models.reranker import load_reranker
-
-
-def doubling(n: int) -> list[int]:
-    sizes, k = [], 1
-    while k < n:
-        sizes.append(k)
-        k *= 2
-    return sizes + [n]
 
 
 def report(name: str, ok: np.ndarray, scores: np.ndarray, kinds: list[str | None], scorer: str) -> list[str]:
@@ -44,7 +37,7 @@ def report(name: str, ok: np.ndarray, scores: np.ndarray, kinds: list[str | None
     for kind in ["all", *sorted({k for k in kinds if k is not None})]:
         sel = np.array([kind == "all" or k == kind for k in kinds])
         cells = [f"{ok[sel].mean():.1%}"]
-        for n in doubling(ok.shape[1]):
+        for n in doubling_sizes(ok.shape[1]):
             pick = scores[sel, :n].argmax(1)
             cells.append(f"{ok[sel][np.arange(sel.sum()), pick].mean():.1%} / {ok[sel, :n].any(1).mean():.1%}")
         rows.append(f"| {name} | {scorer} | {kind} ({sel.sum()}) | " + " | ".join(cells) + " |")
@@ -71,7 +64,7 @@ def main() -> None:
     samples = draw(Generator.from_run(args.run, device=device, batch_size=256, reranker=own), [train, heldout], cfg)
     print(f"{args.run}: {args.captions} captions per set, {args.candidates} candidates each, temperature "
           f"{args.temperature}; drawn in {time.perf_counter() - start:.0f} s\n")
-    sizes = doubling(args.candidates)
+    sizes = doubling_sizes(args.candidates)
     print("| captions | reranker | kind (captions) | every candidate | "
           + " | ".join(f"n={n}: reranked / any right" for n in sizes) + " |")
     print("| --- | --- | --- | ---: | " + " | ".join("---:" for _ in sizes) + " |")

@@ -232,8 +232,9 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             heldout = cache_captions(run, "heldout", cfg.captions, "held-out captions (compositions never seen in "
                                                                    "training)")
         # The training captions hold the held-out set's mix of caption kinds, so that the two accuracies compare.
-        sets += [cache_captions(run, "train", cfg.captions, "training captions",
-                                match=kind_counts(heldout) if heldout else None), *([heldout] if heldout else [])]
+        train = cache_captions(run, "train", cfg.captions, "training captions",
+                               match=kind_counts(heldout) if heldout else None)
+        sets += [train] if heldout is None else [train, heldout]
         floor, _ = load_real(split_data(run, "train"), len(captions))  # as many as generated validation images
     with _phase(seconds, "generation"):
         generator = Generator.from_run(run, device=device, batch_size=cfg.sample_batch_size, reranker=reranker)
