@@ -25,6 +25,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _auto_amp_is_fp32():
+    """``--amp auto`` trains in bf16 on a CPU with bf16 arithmetic. In-process tests hold runs to each other with fp32
+    tolerances, so there ``auto`` is fp32 on every machine (session-wide: module fixtures train too); tests of bf16
+    ask for it by name, and those that start processes of their own pass ``amp="none"``."""
+    from dalle.training import precision
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "native_bf16", lambda device: False)
+        yield
+
+
 # The GPU runs of the tests that take ``device``. CI has no GPU: there they run on the CPU only.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 

@@ -59,7 +59,8 @@ def prior_config(files):
 def train_config(out, **kw):
     options = dict(out=out, steps=STEPS, batch_size=8, lr=3e-3, adam_betas=(0.9, 0.96), weight_decay=4.5e-2,
                    grad_clip=4.0, warmup_fraction=0.25, log_every=1, eval_every=STEPS, checkpoint_every=2,
-                   progress=False, tensorboard=False, device="cpu", threads=1, ema_warmup=True)
+                   progress=False, tensorboard=False, device="cpu", threads=1, ema_warmup=True,
+                   amp="none")  # fp32 on every machine: the spawned processes do not see the tests' own `auto`
     return TrainConfig(**{**options, **kw})
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle.models.transformer import PriorTransformer, preset
+from dalle.training import precision
 from dalle.training.config import TrainConfig
 from dalle.training.loop import Task, Trainer
 from dalle.training.precision import GradScaling, autocast_dtype, native_bf16, scale_grad
@@ -25,10 +26,15 @@ def test_scale_grad_is_identity_forward_and_scales_backward():
     assert scale_grad(torch.ones(2), 8.0).grad_fn is None  # no gradient, nothing to scale
 
 
-def test_autocast_dtypes():
+def test_autocast_dtypes(monkeypatch):
     cpu = torch.device("cpu")
     assert autocast_dtype("fp16", cpu) is torch.float16 and autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert autocast_dtype("auto", cpu) is None and autocast_dtype("none", cpu) is None
+    assert autocast_dtype("none", cpu) is None
+    # auto: bf16 exactly where the machine computes it in hardware (as `dalle pipeline --amp auto` resolves it)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert autocast_dtype("auto", cpu) is None
 
 
 def _grads(model: nn.Module, loss_fn, fp16: bool, scaling: GradScaling | None = None):

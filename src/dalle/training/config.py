@@ -43,8 +43,9 @@ class TrainConfig:
     ema_decay: float = option(0.999, "decay of the weight EMA used for evaluation and export (paper: 0.999)")
     ema_warmup: bool = option(True, "warm the EMA decay up as min(decay, (1+n)/(10+n)) so short runs average "
                               "recent weights, not the initialisation")
-    amp: str = option("auto", "autocast dtype: auto = bf16 on a GPU that supports it, none on CPU; fp16 adds "
-                      "dynamic gradient scaling (--fp16-scaling)", choices=AMP_CHOICES)
+    amp: str = option("auto", "autocast dtype: auto = bf16 where this machine computes it in hardware (a GPU "
+                      "that supports it, or a CPU with AVX512-BF16 or AMX), else none; fp16 adds dynamic gradient "
+                      "scaling (--fp16-scaling)", choices=AMP_CHOICES)
     fp16_scaling: str = option("block", "with --amp fp16: one gradient scale per residual block (the paper's fix for "
                                "underflowing gradients in deep resblocks, section 2.4) or one loss scale (global)",
                                choices=FP16_SCALING)

@@ -36,12 +36,13 @@ MIN_SCALE, MAX_SCALE = 2.0**-24, 2.0**40  # a group whose gradients are all zero
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where it is fast and safe (a GPU that supports it) for ``auto``; fp32 on CPU unless asked."""
+    """The autocast dtype of ``--amp``; ``auto`` is bf16 where ``device`` computes it in hardware (:func:`native_bf16`:
+    a GPU that supports it, or a CPU with AVX512-BF16 or AMX), else fp32."""
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
-    if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if amp == "auto" and native_bf16(device):
         return torch.bfloat16
     return None
 
