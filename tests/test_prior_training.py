@@ -92,11 +92,13 @@ def test_weight_decay_only_on_linear_weights(files):
         assert name not in names
 
 
-def test_resume_is_exact(files, tmp_path):
-    straight = Trainer(PriorTask(prior_config(files)), train_config(tmp_path / "a")).run()
-    first = Trainer(PriorTask(prior_config(files)), train_config(tmp_path / "b", stop_at_step=2)).run()
+@pytest.mark.parametrize("bpe_dropout", [0.0, 0.3])  # BPE dropout's draws are seeded per update and record
+def test_resume_is_exact(files, tmp_path, bpe_dropout):
+    prior = prior_config(files, bpe_dropout=bpe_dropout)
+    straight = Trainer(PriorTask(prior), train_config(tmp_path / "a")).run()
+    first = Trainer(PriorTask(prior), train_config(tmp_path / "b", stop_at_step=2)).run()
     assert first.status == "stopped" and first.model_dir is None
-    resumed = Trainer(PriorTask(prior_config(files)), train_config(tmp_path / "b", resume=True)).run()
+    resumed = Trainer(PriorTask(prior), train_config(tmp_path / "b", resume=True)).run()
     assert straight.status == resumed.status == "complete"
     a, b = load_file(straight.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import random
 import unicodedata
 
 import pytest
@@ -117,6 +118,31 @@ def test_dropout_changes_segmentation_only_when_enabled(tok):
     for ids in dropped:
         assert tok.decode(ids) == tok.normalize(text)  # same text, different segmentation
     assert tok.token_ids(text) == plain  # dropout never leaks into the deterministic path
+
+
+def test_seeded_dropout_is_reproducible_per_caption(tok):
+    texts = ["two small green triangles to the left of a big yellow star", CORPUS[1], VARIED[3]]
+    seeds = ["0/7/12", "0/7/13", 5]
+    ids, mask = tok.encode_batch(texts, dropout=True, seeds=seeds)
+    again, _ = tok.encode_batch(texts, dropout=True, seeds=seeds)
+    assert torch.equal(ids, again)
+    # each caption has its own stream: the same caption and seed give the same tokens in any batch
+    alone = tok.encode_batch(texts[1:2], dropout=True, seeds=seeds[1:2])[0]
+    assert torch.equal(alone[0], ids[1])
+    draws = {tuple(tok.token_ids(texts[0], dropout=True, seed=f"0/{step}/12")) for step in range(30)}
+    assert len(draws) > 1  # other seeds, other segmentations
+    assert all(tok.decode(list(d)) == tok.normalize(texts[0]) for d in draws)
+    assert tok.decode(ids, mask) == [tok.normalize(t) for t in texts]
+    with pytest.raises(ValueError, match="2 seeds for 3 captions"):
+        tok.encode_batch(texts, dropout=True, seeds=seeds[:2])
+
+
+def test_dropout_path_without_dropout_is_the_library_encoding(tok):
+    # Dropout runs in our own merge loop; with p = 0 it must give exactly what the library's BPE gives.
+    bpe = tok._dropout_bpe
+    assert bpe is not None
+    for text in [*sorted(set(CORPUS)), *VARIED, *UNSEEN, "aaaa bbbb aaaaaaa", "   "]:
+        assert bpe.ids(text, random.Random(0), 0.0) == tok.token_ids(text), text
 
 
 def test_zero_dropout_is_deterministic_even_in_training_mode():

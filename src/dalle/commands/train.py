@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "encode`); no dVAE runs in the loop. The text sizes come from --tokenizer, the grid and codebook from the "
         "cache. Writes RUN/metrics.csv (loss, text and image loss), RUN/eval.csv (validation losses), sample grids in "
         "RUN/samples/ when --dvae is given, checkpoints in RUN/checkpoints/ and the EMA model, with the tokenizer, in "
-        "RUN/model. Ctrl-C or SIGTERM saves a checkpoint; --resume continues exactly (with --bpe-dropout 0).")
+        "RUN/model. Ctrl-C or SIGTERM saves a checkpoint; --resume continues exactly (BPE dropout included).")
     add_options(train, PriorTrainConfig, title="prior")
     add_options(train, PriorTrainLoopConfig, title="training loop")
     train.set_defaults(func=run_train)

@@ -14,13 +14,17 @@ own learned per-position padding embedding there. Id 0 is the ``<|endoftext|>`` 
 here, which encoding never emits (the literal string in a caption is encoded as ordinary text), so a 0 is never a
 real caption token. Captions longer than ``text_len`` are cut to ``text_len`` tokens and counted in
 :attr:`TextTokenizer.stats`, never an error. ``encode(..., dropout=True)`` applies BPE dropout (training only);
-the saved ``tokenizer.json`` always has dropout off, so loading it for inference is deterministic.
+the saved ``tokenizer.json`` always has dropout off, so loading it for inference is deterministic. With ``seeds``
+(one per caption), dropout draws from a stream of its own per caption, so that a training run is reproducible and
+resumes exactly; the ``tokenizers`` library's own BPE dropout cannot be seeded, so dropout runs here, in Python
+(:class:`_DropoutBPE`), on the library's normalised and pre-tokenised pieces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,54 @@ def _new_tokenizer(lowercase: bool) -> Tokenizer:
     return tok
 
 
+class _DropoutBPE:
+    """BPE dropout as the paper uses it (Provilkov et al., 2020): at every merge step each applicable merge is skipped
+    with probability ``p``, the best-ranked one left is applied, and a word is done when none is left. With ``p = 0``
+    it gives the library's encoding (a test holds it to that); the random stream is the caller's.
+
+    Follows byte-level BPE tokenizers (what :meth:`TextTokenizer.train` writes): the library normalises and
+    pre-tokenises, each piece's characters are its initial symbols. :meth:`build` returns None for a tokenizer.json
+    with word prefixes or suffixes, byte fallback or an unknown token, where dropout stays the library's (unseeded).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab: dict[str, int], merges: list[Any], ignore_merges: bool):
+        self.normalizer, self.pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+        self.vocab, self.ignore_merges = vocab, ignore_merges
+        self.ranks = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m): r for r, m in enumerate(merges)}
+
+    @classmethod
+    def build(cls, tokenizer: Tokenizer) -> _DropoutBPE | None:
+        model = json.loads(tokenizer.to_str())["model"]
+        if (model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback")
+                or model.get("unk_token") is not None or tokenizer.pre_tokenizer is None):
+            return None
+        return cls(tokenizer, model["vocab"], model["merges"], bool(model.get("ignore_merges")))
+
+    def ids(self, text: str, rng: random.Random, p: float) -> list[int]:
+        if self.normalizer is not None:
+            text = self.normalizer.normalize_str(text)
+        out: list[int] = []
+        for piece, _ in self.pre_tokenizer.pre_tokenize_str(text):
+            if self.ignore_merges and piece in self.vocab:
+                out.append(self.vocab[piece])
+            else:
+                out.extend(self.vocab[symbol] for symbol in self.merge(list(piece), rng, p))
+        return out
+
+    def merge(self, symbols: list[str], rng: random.Random, p: float) -> list[str]:
+        while len(symbols) > 1:
+            best: tuple[int, int] | None = None  # (rank, position) of the best merge that survived dropout
+            for i in range(len(symbols) - 1):
+                rank = self.ranks.get((symbols[i], symbols[i + 1]))
+                if rank is not None and rng.random() >= p and (best is None or rank < best[0]):
+                    best = (rank, i)
+            if best is None:
+                break
+            i = best[1]
+            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+        return symbols
+
+
 class _Counted:
     """Wraps the caption stream for the BPE trainer: checks types and counts the non-empty captions it passes on."""
 
@@ -135,6 +187,8 @@ class TextTokenizer:
         self.config = config
         self._tok = self._prepared(tokenizer, dropout=None)
         self._dropout_tok: Tokenizer | None = None  # built on first use of encode(..., dropout=True)
+        self._dropout_bpe = _DropoutBPE.build(self._tok)  # None for a tokenizer.json it cannot follow exactly
+        self._unseeded = random.Random()  # dropout's stream where no seeds are given
         self.stats = EncodeStats()
 
     @staticmethod
@@ -220,11 +274,19 @@ class TextTokenizer:
             self._dropout_tok = self._prepared(Tokenizer.from_str(self._tok.to_str()), self.config.dropout)
         return self._dropout_tok
 
-    def token_ids(self, text: str, dropout: bool = False) -> list[int]:
-        """All token ids of ``text``, not truncated and not padded."""
+    def token_ids(self, text: str, dropout: bool = False, seed: int | str | None = None) -> list[int]:
+        """All token ids of ``text``, not truncated and not padded; ``seed`` fixes the draws of BPE dropout."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        return self._backend(dropout).encode(text).ids
+        return self._ids([text], dropout, None if seed is None else [seed])[0]
+
+    def _ids(self, texts: list[str], dropout: bool, seeds: Sequence[int | str] | None) -> list[list[int]]:
+        if seeds is not None and len(seeds) != len(texts):
+            raise ValueError(f"{len(seeds)} seeds for {len(texts)} captions")
+        if not dropout or self.config.dropout == 0.0 or self._dropout_bpe is None:
+            return [enc.ids for enc in self._backend(dropout).encode_batch(texts)]
+        rngs = [random.Random(seed) for seed in seeds] if seeds is not None else [self._unseeded] * len(texts)
+        return [self._dropout_bpe.ids(text, rng, self.config.dropout) for text, rng in zip(texts, rngs, strict=True)]
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         """The text of each token (a token holding part of a multi-byte character shows as U+FFFD)."""
@@ -237,18 +299,20 @@ class TextTokenizer:
         ids, pad_mask = self.encode_batch([text], dropout=dropout)
         return ids[0], pad_mask[0]
 
-    def encode_batch(self, texts: Sequence[str], dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_batch(self, texts: Sequence[str], dropout: bool = False,
+                     seeds: Sequence[int | str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → ``ids (B, text_len)`` int64 and ``pad_mask (B, text_len)`` bool; padded ids are :data:`PAD_ID`.
 
-        ``dropout=True`` applies BPE dropout with ``config.dropout`` (use it for training batches only).
+        ``dropout=True`` applies BPE dropout with ``config.dropout`` (use it for training batches only); ``seeds``,
+        one per caption, make its draws reproducible (each caption its own stream, whatever the batch around it).
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of str")
         length = self.text_len
         rows, lengths = [], []
-        for enc in self._backend(dropout).encode_batch(list(texts)):
-            self.stats.add(len(enc.ids), length)
-            row = enc.ids[:length]
+        for ids in self._ids(list(texts), dropout, seeds):
+            self.stats.add(len(ids), length)
+            row = ids[:length]
             lengths.append(len(row))
             rows.append(row + [PAD_ID] * (length - len(row)))
         ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)  # (B, text_len)

@@ -13,8 +13,8 @@ image and total loss. Samples: with a dVAE, images for a few fixed validation ca
 (the KV-cached sampler of :mod:`dalle.models.sampling`, re-exported here) and decoded by the dVAE, as a PNG grid with
 the captions in a sidecar ``.txt``.
 
-BPE dropout draws from the ``tokenizers`` library's own random generator, which cannot be seeded: a run with BPE
-dropout on is not bit-for-bit reproducible (or exactly resumable); with ``--bpe-dropout 0`` it is.
+BPE dropout draws, for each caption of each update, from a stream seeded by (run seed, update, record index): a run
+with BPE dropout on is reproducible and resumes exactly, whatever the number of processes or data workers.
 """
 
 from __future__ import annotations
@@ -188,13 +188,15 @@ class PriorTask(Task):
         return cache_batches(self.cache, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, shuffle=True,
                              workers=self.cfg.workers, drop_last=True)
 
-    def _tokens(self, batch: dict[str, Any], dropout: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, pad_mask = self.tokenizer.encode_batch(batch["captions"], dropout=dropout)  # (B, text_len) each
+    def _tokens(self, batch: dict[str, Any], dropout: bool,
+                step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seeds = [f"{self.cfg.seed}/{step}/{int(i)}" for i in batch["indices"]] if dropout else None
+        ids, pad_mask = self.tokenizer.encode_batch(batch["captions"], dropout=dropout, seeds=seeds)  # (B, text_len)
         codes = batch["codes"].to(self.device, non_blocking=True)  # (B, g, g)
         return ids.to(self.device), pad_mask.to(self.device), codes
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        ids, pad_mask, codes = self._tokens(batch, dropout=self.prior.bpe_dropout > 0)
+        ids, pad_mask, codes = self._tokens(batch, dropout=self.prior.bpe_dropout > 0, step=step)
         out = model.loss(ids, pad_mask, codes, self.prior.text_loss_weight)
         return out.total, {"text_loss": out.text.detach(), "image_loss": out.image.detach()}
 
