@@ -6,7 +6,10 @@ two-object captions, as `dalle eval` draws them), draws N candidates per caption
 * the prior's own rate: the fraction of all candidates the shapes checker accepts;
 * for n = 1, 2, 4, ..., N: the reranker's best of the first n, and the fraction of captions with any accepted
   candidate among them (what a perfect reranker would reach);
-* each attribute's rate over all candidates.
+* each attribute's rate over all candidates;
+* for one-object captions, per stated shape and per stated colour: the rate over all candidates and the shapes the
+  candidates' object came out as (for a held-out pair such as "red triangle", compare the training captions' other
+  triangles and other red objects).
 
 Usage: PYTHONPATH= .venv/bin/python bench/compositional_probe.py RUN [--captions 96] [--candidates 16]
 [--reranker DIR]. With --reranker, a second reranker rescores the same candidates (the first scores come from the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,25 @@ def report(name: str, ok: np.ndarray, scores: np.ndarray, kinds: list[str | None
     return rows
 
 
+def by_object(name: str, attributes: list[dict | None], verdicts: sm.Verdicts) -> list[str]:
+    """Rows for the one-object captions of a set, grouped by stated shape, then by stated colour."""
+    groups: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, Counter()])  # right, candidates, drawn shapes
+    for attrs, results in zip(attributes, verdicts.candidates, strict=True):
+        if attrs is None or len(attrs["objects"]) != 1:
+            continue
+        stated = attrs["objects"][0]
+        for key in (("shape", stated["shape"]), ("colour", stated["color"])):
+            group = groups[key]
+            group[0] += sum(r.all_correct for r in results)
+            group[1] += len(results)
+            group[2].update(r.found[0].shape if r.found[0] is not None else "none found" for r in results)
+    rows = []
+    for (by, value), (right, total, drawn) in sorted(groups.items()):
+        common = ", ".join(f"{shape} {count / total:.0%}" for shape, count in drawn.most_common(3))
+        rows.append(f"| {name} | {by} {value} | {total} | {right / total:.1%} | {common} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
@@ -68,7 +91,7 @@ def main() -> None:
     print("| captions | reranker | kind (captions) | every candidate | "
           + " | ".join(f"n={n}: reranked / any right" for n in sizes) + " |")
     print("| --- | --- | --- | ---: | " + " | ".join("---:" for _ in sizes) + " |")
-    checker, attributes = ShapesChecker(), {}
+    checker, attributes, objects = ShapesChecker(), {}, []
     for name, s in samples.items():
         stated = [a if a is not None else c for a, c in zip(s.captions.attributes, s.captions.captions)]
         verdicts = sm.check_samples(checker, s.candidates, s.reranked, stated)
@@ -82,12 +105,17 @@ def main() -> None:
                                    for row, caption in zip(s.candidates, s.captions.captions)])
             print("\n".join(report(name, ok, scores, kinds, str(args.reranker))))
         attributes[name] = sm.summarize([r for row in verdicts.candidates for r in row])
+        objects += by_object(name, s.captions.attributes, verdicts)
     print("\nEach attribute over every candidate:\n")
     print("| captions | " + " | ".join(ATTRIBUTES) + " | all |")
     print("| --- | " + " | ".join("---:" for _ in ATTRIBUTES) + " | ---: |")
     for name, summary in attributes.items():
         print(f"| {name} | " + " | ".join(f"{summary[a]:.1%}" if a in summary else "-" for a in (*ATTRIBUTES, "all"))
               + " |")
+    print("\nOne-object captions by what they state, over every candidate:\n")
+    print("| captions | stated | candidates | all right | shapes drawn (most common) |")
+    print("| --- | --- | ---: | ---: | --- |")
+    print("\n".join(objects))
 
 
 if __name__ == "__main__":
