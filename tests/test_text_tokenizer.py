@@ -139,7 +139,7 @@ def test_seeded_dropout_is_reproducible_per_caption(tok):
 
 def test_dropout_path_without_dropout_is_the_library_encoding(tok):
     # Dropout runs in our own merge loop; with p = 0 it must give exactly what the library's BPE gives.
-    bpe = tok._dropout_bpe
+    bpe = tok._dropout_path
     assert bpe is not None
     for text in [*sorted(set(CORPUS)), *VARIED, *UNSEEN, "aaaa bbbb aaaaaaa", "   "]:
         assert bpe.ids(text, random.Random(0), 0.0) == tok.token_ids(text), text

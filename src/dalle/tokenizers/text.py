@@ -23,6 +23,7 @@ resumes exactly; the ``tokenizers`` library's own BPE dropout cannot be seeded, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -187,7 +188,6 @@ class TextTokenizer:
         self.config = config
         self._tok = self._prepared(tokenizer, dropout=None)
         self._dropout_tok: Tokenizer | None = None  # built on first use of encode(..., dropout=True)
-        self._dropout_bpe = _DropoutBPE.build(self._tok)  # None for a tokenizer.json it cannot follow exactly
         self._unseeded = random.Random()  # dropout's stream where no seeds are given
         self.stats = EncodeStats()
 
@@ -283,10 +283,16 @@ class TextTokenizer:
     def _ids(self, texts: list[str], dropout: bool, seeds: Sequence[int | str] | None) -> list[list[int]]:
         if seeds is not None and len(seeds) != len(texts):
             raise ValueError(f"{len(seeds)} seeds for {len(texts)} captions")
-        if not dropout or self.config.dropout == 0.0 or self._dropout_bpe is None:
+        bpe = self._dropout_path if dropout and self.config.dropout > 0.0 else None
+        if bpe is None:
             return [enc.ids for enc in self._backend(dropout).encode_batch(texts)]
         rngs = [random.Random(seed) for seed in seeds] if seeds is not None else [self._unseeded] * len(texts)
-        return [self._dropout_bpe.ids(text, rng, self.config.dropout) for text, rng in zip(texts, rngs, strict=True)]
+        return [bpe.ids(text, rng, self.config.dropout) for text, rng in zip(texts, rngs, strict=True)]
+
+    @functools.cached_property
+    def _dropout_path(self) -> _DropoutBPE | None:
+        """Our seeded dropout, or None for a tokenizer.json it cannot follow exactly (the library's dropout then)."""
+        return _DropoutBPE.build(self._tok)
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         """The text of each token (a token holding part of a multi-byte character shows as U+FFFD)."""

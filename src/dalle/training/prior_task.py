@@ -14,7 +14,7 @@ image and total loss. Samples: with a dVAE, images for a few fixed validation ca
 the captions in a sidecar ``.txt``.
 
 BPE dropout draws, for each caption of each update, from a stream seeded by (run seed, update, record index): a run
-with BPE dropout on is reproducible and resumes exactly, whatever the number of processes or data workers.
+with BPE dropout on is reproducible from its seed and resumes exactly.
 """
 
 from __future__ import annotations
