@@ -144,6 +144,31 @@ def test_checker_verdicts_give_accuracy_per_sample_size():
     assert wrong_only.any_correct() == 0 and sm.accuracy_by_kind(wrong_only, [None] * 3) == {}
 
 
+def test_accuracy_ratio_and_its_bootstrap_interval():
+    half = [True, False] * 20
+    r = sm.accuracy_ratio(half, half)
+    assert r["ratio"] == 1 and r["interval"][0] < 1 < r["interval"][1] and r["captions"] == [40, 40]
+    assert sm.accuracy_ratio(half, half) == r  # seeded: the same interval every time
+    wide, narrow = sm.accuracy_ratio([True, False] * 10, [True] * 15 + [False] * 5), sm.accuracy_ratio(
+        [True, False] * 200, [True] * 300 + [False] * 100)
+    assert wide["ratio"] == narrow["ratio"] == pytest.approx(2 / 3)
+    for r in (wide, narrow):
+        assert r["interval"][0] < r["ratio"] < r["interval"][1]
+    # ten times the captions: an interval about three times narrower
+    width = [r["interval"][1] - r["interval"][0] for r in (wide, narrow)]
+    assert 2 < width[0] / width[1] < 5
+    nothing = sm.accuracy_ratio(half, [False] * 10)
+    assert nothing["ratio"] is None and nothing["interval"] is None and report.ratio_line(nothing) is None
+    # a denominator with a single right caption: most resamples are fine, some have none; the top is unbounded
+    rare = sm.accuracy_ratio(half, [True] + [False] * 9)
+    assert rare["ratio"] == 5 and rare["interval"][1] is None and "to unbounded" in report.ratio_line(rare)
+    assert report.ratio_line(narrow) == ("held-out / training captions' accuracy after reranking: 67% (95% bootstrap "
+                                         f"interval over the captions drawn: {narrow['interval'][0]:.0%} to "
+                                         f"{narrow['interval'][1]:.0%})")
+    with pytest.raises(ValueError):
+        sm.accuracy_ratio([], half)
+
+
 # ----------------------------------------------------------------------------------------------------- a tiny run
 
 @pytest.fixture(scope="module")
@@ -207,6 +232,11 @@ def test_eval_writes_metrics_plots_and_a_report_whose_links_resolve(tiny_run, ca
     for s in comp:
         assert sum(k["captions"] * k["reranked"] for k in comp[s]["by_kind"].values()) == pytest.approx(
             3 * comp[s]["reranked"]["all"])
+    ratio = m["compositional"]["heldout_vs_train"]
+    assert ratio["captions"] == [3, 3]
+    if ratio["ratio"] is not None:
+        assert ratio["ratio"] == comp["heldout"]["reranked"]["all"] / comp["train"]["reranked"]["all"]
+        assert report.ratio_line(ratio) in printed
     ceiling = m["compositional"]["ceiling"]
     assert ceiling["images"] == 6 and ceiling["real"]["all"] >= 5 / 6  # the checker reads real images
     assert 0 <= ceiling["reconstructions"]["all"] <= 1 and "dVAE reconstructions (the ceiling" in printed

@@ -167,6 +167,16 @@ def _headline(m: Mapping[str, Any]) -> str:
             f"{n['real_images']} real validation images.</p>" + _table(header, rows))
 
 
+def ratio_line(ratio: dict[str, Any] | None) -> str | None:
+    """The headline's and report's line for ``metrics["compositional"]["heldout_vs_train"]`` (None without it)."""
+    if not ratio or ratio["ratio"] is None:
+        return None
+    low, high = ratio["interval"]
+    high_text = f"{high:.0%}" if high is not None else "unbounded"
+    return (f"held-out / training captions' accuracy after reranking: {ratio['ratio']:.0%} ({ratio['level']:.0%} "
+            f"bootstrap interval over the captions drawn: {low:.0%} to {high_text})")
+
+
 # The rows of the compositional table per caption set: which samples were judged.
 SAMPLE_KINDS = (("reranked", "reranked"), ("unreranked", "unreranked"), ("every_candidate", "every candidate"))
 
@@ -195,6 +205,10 @@ def _compositional(m: Mapping[str, Any]) -> str:
                  "reconstructions' row with this dVAE.")
     html_out = ("<h2>Compositional accuracy</h2><p>" + note + "</p>"
                 + _table(["captions", "samples", *(ATTRIBUTE_NAMES[a] for a in names)], rows))
+    if line := ratio_line(comp.get("heldout_vs_train")):
+        html_out += (f"<p><b>{html.escape(line[0].upper() + line[1:])}.</b> The interval resamples each set's "
+                     "captions: with a few dozen captions per set it is wide, so compare runs on a few hundred "
+                     "(<code>dalle eval --captions 384</code>).</p>")
     kind_rows = [[html.escape(entry["title"]), html.escape(kind), str(k["captions"]),
                   fmt(k["reranked"], percent=True), fmt(k["unreranked"], percent=True),
                   fmt(k.get("any_candidate"), percent=True)]

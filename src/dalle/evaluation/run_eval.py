@@ -309,6 +309,9 @@ def compositional(source: str, samples: dict[str, Samples], metrics: dict[str, A
                          "by_kind": sm.accuracy_by_kind(v, [caption_kind(a) for a in s.captions.attributes])}
         curve[name] = [v.accuracy_at(s.scores[:, :n].argmax(1).tolist()) for n in sizes]
     metrics["compositional"] = {"checker": "shapes", "sets": entries}
+    if "heldout" in verdicts and "train" in verdicts:
+        metrics["compositional"]["heldout_vs_train"] = sm.accuracy_ratio(
+            [r.all_correct for r in verdicts["heldout"].reranked], [r.all_correct for r in verdicts["train"].reranked])
     metrics["curves"]["sample_size"]["accuracy"] = curve
     return verdicts
 
@@ -427,6 +430,8 @@ def headline(m: dict[str, Any]) -> list[str]:
         lines.append(f"compositional accuracy on {entry['title']}: {entry['reranked']['all']:.1%} reranked, "
                      f"{entry['unreranked']['all']:.1%} first draw, {entry['any_candidate']:.1%} with a right "
                      "candidate" + (f" (reranked, by caption kind: {kinds})" if kinds else ""))
+    if line := report.ratio_line(m["compositional"].get("heldout_vs_train")):
+        lines.append(line)
     if ceiling := m["compositional"].get("ceiling"):
         lines.append(f"the checker accepts {ceiling['real']['all']:.1%} of real validation images and "
                      f"{ceiling['reconstructions']['all']:.1%} of their dVAE reconstructions (the ceiling for samples)")

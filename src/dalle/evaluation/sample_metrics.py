@@ -216,6 +216,31 @@ def accuracy_summary(verdicts: Verdicts) -> dict[str, Any]:
             "any_candidate": verdicts.any_correct()}
 
 
+def accuracy_ratio(numerator: Sequence[bool], denominator: Sequence[bool], level: float = 0.95,
+                   resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """``mean(numerator) / mean(denominator)`` (e.g. held-out against training captions' accuracy after reranking),
+    with a bootstrap interval: each set's captions resampled with replacement, independently, ``resamples`` times.
+    It says how far the ratio could move with other captions drawn, which on a few dozen captions is a lot.
+    ``ratio`` and the interval are None where the denominator is 0."""
+    if not numerator or not denominator:
+        raise ValueError("both caption sets need at least one verdict")
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    out: dict[str, Any] = {"ratio": None, "interval": None, "level": level, "resamples": resamples,
+                           "captions": [len(num), len(den)]}
+    if den.mean() == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    num_means = num[rng.integers(0, len(num), (resamples, len(num)))].mean(1)  # (resamples,)
+    den_means = den[rng.integers(0, len(den), (resamples, len(den)))].mean(1)  # (resamples,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(den_means > 0, num_means / den_means, np.inf)  # a resample without a right one: unbounded
+    tail = (1 - level) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail], method="inverted_cdf")
+    out["ratio"] = float(num.mean() / den.mean())
+    out["interval"] = [float(low), float(high) if np.isfinite(high) else None]
+    return out
+
+
 def accuracy_by_kind(verdicts: Verdicts, kinds: Sequence[str | None]) -> dict[str, dict[str, float | int]]:
     """Fraction entirely correct, reranked and first draw, among the captions of each kind (e.g. "1 object")."""
     out: dict[str, dict[str, float | int]] = {}
