@@ -33,7 +33,7 @@ from dalle.models.dvae import DVAE
 ASPECTS = ("color", "shape", "size", "position", "relation", "all")
 
 
-def validation(resolution: int, n: int, split: str = "val") -> tuple[np.ndarray, list]:
+def split_images(resolution: int, n: int, split: str = "val") -> tuple[np.ndarray, list]:
     cfg = DataConfig(source="shapes", split=split, resolution=resolution, seed=0)
     samples = list(itertools.islice(iter_samples(open_source(cfg).records(), cfg), n))
     return np.stack([s.image for s in samples]), [s.attributes for s in samples]
@@ -42,7 +42,7 @@ def validation(resolution: int, n: int, split: str = "val") -> tuple[np.ndarray,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="dVAE model directories")
-    parser.add_argument("--images", type=int, default=200, help="validation images per model")
+    parser.add_argument("--images", type=int, default=200, help="images per model, the first of the split")
     parser.add_argument("--split", choices=("val", "heldout"), default="val", help="shapes split of the images")
     parser.add_argument("--by-shape", action="store_true", help="also count kept shapes per size and shape")
     parser.add_argument("--by-pair", action="store_true", help="also count kept shapes of the held-out colour-shape "
@@ -50,13 +50,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     checker, cache, by_shape, by_pair = ShapesChecker(), {}, [], []
-    print("| model | val PSNR | codes used | " + " / ".join(ASPECTS) + " |")
+    print(f"| model | {args.split} PSNR | codes used | " + " / ".join(ASPECTS) + " |")
     print("| --- | ---: | ---: | --- |")
     for path in args.models:
         dvae = DVAE.from_pretrained(path, "cpu").eval()
         resolution = dvae.config.resolution
         if resolution not in cache:
-            cache[resolution] = validation(resolution, args.images, args.split)
+            cache[resolution] = split_images(resolution, args.images, args.split)
         images, attributes = cache[resolution]
         stats, recons = reconstruction_metrics(dvae, images)
         results = [checker.check(image, a) for image, a in zip(recons, attributes)]
