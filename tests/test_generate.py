@@ -94,6 +94,17 @@ def test_seeded_and_independent_of_batch_size_and_n(generator):
     assert not np.array_equal(other.candidates, first[0].candidates)
 
 
+@pytest.mark.parametrize("n_captions,n,batch_size", [(5, 3, 8), (5, 3, 3), (4, 8, 256), (2, 7, 3), (3, 1, 2)])
+def test_draw_batches_hold_equal_blocks_of_one_caption(n_captions, n, batch_size):
+    from dalle.generation import _chunks
+    chunks = _chunks(n_captions, n, batch_size)
+    assert [row for chunk in chunks for row in chunk] == [(c, j) for c in range(n_captions) for j in range(n)]
+    for chunk in chunks:
+        assert 1 <= len(chunk) <= batch_size
+        sizes = {c: sum(1 for r in chunk if r[0] == c) for c, _ in chunk}
+        assert len(set(sizes.values())) == 1  # the decoder keeps one copy of each caption's keys
+
+
 @pytest.mark.parametrize("keep_rows", [0, 1, 3, 4])
 def test_completion_keeps_the_prompt_rows(generator, keep_rows):
     image = an_image()

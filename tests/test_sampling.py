@@ -62,6 +62,21 @@ def test_cached_logits_equal_full_forward_at_every_step(schedule, prompt_len, pa
         torch.testing.assert_close(logits, full[:, j + 1], atol=1e-5, rtol=1e-5, msg=f"cell {j + 1}")
 
 
+def test_gathered_conv_keys_give_the_full_forward_logits():
+    """A conv kernel too sparse for a ring (3×3 on 16 columns) gathers its keys; its steps still equal a full
+    forward pass, with candidates in blocks sharing their caption's keys."""
+    model, ids, pad_mask = model_and_text("row,conv", grid_size=16, n_layers=2)
+    assert PriorDecoder(model).layers[1].plan.mode == "gather"
+    cfg, order = model.config, torch.tensor([0, 0, 2, 2])
+    codes = torch.randint(0, cfg.codebook_size, (4, cfg.image_len))
+    with torch.no_grad():
+        full = model(ids[order], pad_mask[order], codes.view(4, cfg.grid_size, cfg.grid_size)).image
+    decoder = PriorDecoder(model)
+    torch.testing.assert_close(decoder.prefill(ids[order], pad_mask[order]), full[:, 0], atol=1e-5, rtol=1e-5)
+    for j in range(cfg.image_len - 1):
+        torch.testing.assert_close(decoder.step(codes[:, j]), full[:, j + 1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("prompt_len", [0, 6])
 def test_repeated_captions_are_prefilled_once_and_step_like_distinct_ones(prompt_len):
     model, ids, pad_mask = model_and_text("paper")
@@ -85,27 +100,78 @@ def test_repeated_captions_are_prefilled_once_and_step_like_distinct_ones(prompt
     torch.testing.assert_close(step, full[:, prompt_len + 1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prompt_len", [0, 6])
+def test_candidates_in_blocks_share_one_copy_of_their_captions_keys(prompt_len):
+    """Rows in blocks of one caption (a caption's candidates, as Generator draws them) keep the caption's keys and
+    values once per block, and every step still equals a full forward pass."""
+    model, ids, pad_mask = model_and_text("paper")
+    cfg = model.config
+    order = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    prompt = torch.randint(0, cfg.codebook_size, (3, prompt_len))[order]
+    codes = torch.randint(0, cfg.codebook_size, (9, cfg.image_len))
+    codes[:, :prompt_len] = prompt
+    with torch.no_grad():
+        full = model(ids[order], pad_mask[order], codes.view(9, cfg.grid_size, cfg.grid_size)).image
+    decoder = PriorDecoder(model)
+    logits = decoder.prefill(ids[order], pad_mask[order], prompt)
+    assert [b.shape[1] for b in decoder.cache.text] == [3] * cfg.n_layers  # one copy per caption
+    assert [b.shape[1] for b in decoder.cache.image] == [9] * cfg.n_layers
+    torch.testing.assert_close(logits, full[:, prompt_len], atol=1e-5, rtol=1e-5)
+    for j in range(prompt_len, cfg.image_len - 1):
+        torch.testing.assert_close(decoder.step(codes[:, j]), full[:, j + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,expected", [([0, 0, 1, 1], 2), ([0, 0, 0, 1, 1, 1], 3), ([0, 0, 1, 1, 1, 1], 2),
+                                           ([0, 1, 0], 1), ([0, 0, 0], 3), ([0, 0, 1], 1), ([5], 1)])
+def test_group_size_is_the_largest_block_of_identical_consecutive_rows(rows, expected):
+    table = torch.tensor([[7, 7], [8, 9], [1, 0], [2, 2], [3, 3], [4, 4]])
+    assert sampling.group_size(table[torch.tensor(rows)]) == expected
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_attend_step_equals_attention_over_the_joined_keys(group):
+    torch.manual_seed(0)
+    b, h, d, t, m = 8, 2, 16, 5, 7
+    q = torch.randn(b, h, d)
+    text = torch.randn(2, b // group, h, t, d)
+    keys, values = torch.randn(b, h, m, d), torch.randn(b, h, m, d)
+    mask = torch.zeros(1, m).index_fill_(1, torch.tensor([1, 4]), -math.inf)
+    joined_k = torch.cat([text[0].repeat_interleave(group, 0), keys], 2)  # (B, H, t + m, D)
+    joined_v = torch.cat([text[1].repeat_interleave(group, 0), values], 2)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), joined_k, joined_v, attn_mask=torch.cat([torch.zeros(1, t), mask], 1)).squeeze(2)
+    torch.testing.assert_close(sampling.attend_step(q, text, keys, values, mask), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("layout", [Layout(8, 4, 3), Layout(5, 8, 5), Layout(16, 32, 11), Layout(3, 6, 13)])
+@pytest.mark.parametrize("layout", [Layout(8, 4, 3), Layout(5, 8, 5), Layout(16, 32, 11), Layout(3, 6, 13),
+                                    Layout(4, 16, 3)])
 def test_cache_reads_exactly_the_keys_the_mask_allows(kind, layout):
-    """Every step's keys (after its mask) are the allowed set of mask_function: no fewer, and no masked-out extras
-    beyond a ring's wrap-around columns."""
+    """Every step's image keys (after its mask) are the allowed set of mask_function: no fewer, and no masked-out
+    extras beyond a ring's wrap-around columns (text keys are always read whole)."""
     plan = layer_plan(kind, layout, torch.device("cpu"), torch.float32)
     t, n = layout.text_len, layout.image_len
-    allowed = dense_mask(kind, layout)[t:]  # (N, L) rows of the image queries
+    allowed = dense_mask(kind, layout)[t:, t:]  # (N, N) image queries → image keys
+    assert dense_mask(kind, layout)[t:, :t].all()
+    assert len(set(plan.slots)) == n or plan.mode == "ring"  # only a ring reuses slots
+    assert max(plan.slots) < plan.window
     for i in range(n):
+        stored = {}  # slot → the latest position ≤ i written there
+        for p in range(i + 1):
+            stored[plan.slots[p]] = p
         if plan.index[i] is not None:
-            read = plan.index[i].tolist()
+            read = [stored[s] for s in plan.index[i].tolist()]
+            assert len(read) == len(plan.index[i])
         else:
-            slots = range(plan.n_keys[i])
-            held = [s if s < t else i - (i - (s - t)) % plan.window + t for s in slots]  # position in each slot
+            lo, hi = plan.spans[i]
+            held = [stored[s] for s in range(lo, hi)]  # every slot read holds a written position
+            assert len(set(held)) == len(held)
             visible = [True] * len(held) if plan.masks[i] is None else (plan.masks[i][0] == 0).tolist()
             read = [p for p, ok in zip(held, visible) if ok]
-            assert len(set(held)) == len(held)  # a ring never holds one position twice
         expected = allowed[i].nonzero().flatten().tolist()
         assert sorted(read) == expected, f"{kind} image position {i}"
     if kind in ("dense", "row", "column"):
-        assert plan.mode == {"dense": "prefix", "row": "ring", "column": "gather"}[kind]
+        assert plan.mode == {"dense": "prefix", "row": "ring", "column": "strided"}[kind]
     if kind == "row":
         assert plan.window == layout.grid_size + 1  # Figure 11(a): back to the same column of the previous row
 
@@ -114,8 +180,10 @@ def test_conv_layers_use_a_masked_ring_or_gather_by_density():
     small = layer_plan("conv", Layout(8, 8, 5), torch.device("cpu"), torch.float32)
     assert (small.mode, small.window) == ("ring", 2 * 8 + 2 + 1)  # offsets up to h·g + h with h = 2
     assert any(m is not None for m in small.masks)  # the wrap-around columns outside the kernel are masked
-    # The paper's 11×11 kernel on 32 columns allows 11 of every 32 keys in its span: gathered instead.
-    assert layer_plan("conv", Layout(16, 32, 11), torch.device("cpu"), torch.float32).mode == "gather"
+    # The paper's 11×11 kernel on 32 columns allows 11 of every 32 keys in its span: still a ring; a 3×3 kernel on
+    # 16 columns allows 3 of 16: gathered instead.
+    assert layer_plan("conv", Layout(16, 32, 11), torch.device("cpu"), torch.float32).mode == "ring"
+    assert layer_plan("conv", Layout(8, 16, 3), torch.device("cpu"), torch.float32).mode == "gather"
 
 
 def test_filter_logits_top_k():

@@ -196,10 +196,8 @@ class Generator:
         """Codes ``(C·n, g, g)`` in (caption, candidate) order, ``batch_size`` rows at a time."""
         ids, pad_mask = self.tokenizer.encode_batch(captions)  # (C, text_len)
         seed = sample.seed if sample.seed is not None else int(torch.randint(2**62, ()))
-        rows = [(c, j) for c in range(len(captions)) for j in range(n)]
         out = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+        for chunk in _chunks(len(captions), n, self.batch_size):
             which = torch.tensor([c for c, _ in chunk])
             gens = [torch.Generator(self.device).manual_seed(candidate_seed(seed, c, j)) for c, j in chunk]
             prompt = prompts[which].to(self.device) if prompts is not None else None
@@ -227,6 +225,18 @@ class Generator:
         order = np.argsort(-scores, kind="stable")[:keep] if scores is not None else np.arange(keep)
         return Generation(caption=caption, images=images[order], scores=None if scores is None else scores[order],
                           codes=codes[torch.from_numpy(order)], candidates=images, candidate_scores=scores)
+
+
+def _chunks(n_captions: int, n: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The (caption, candidate) rows in draw order, in batches of at most ``batch_size`` that never split a caption's
+    candidates unevenly: whole captions while they fit, else equal runs of one caption. Each batch then holds blocks
+    of one caption of equal size, which the decoder keeps one copy of the caption's keys for."""
+    if n <= batch_size:
+        per = batch_size // n
+        return [[(c, j) for c in range(first, min(first + per, n_captions)) for j in range(n)]
+                for first in range(0, n_captions, per)]
+    return [[(c, j) for j in range(first, min(first + batch_size, n))]
+            for c in range(n_captions) for first in range(0, n, batch_size)]
 
 
 def _check_captions(captions: list[str]) -> list[str]:

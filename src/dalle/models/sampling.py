@@ -6,17 +6,22 @@ kept as the reference). :class:`PriorDecoder` runs the caption (and any known le
 position per step, attending over keys and values kept from earlier steps in a :class:`KVCache`.
 
 **What a step attends to.** Every image query sees all text keys (§2.2) and the image keys its layer's mask allows
-(:func:`dalle.models.attention.mask_function`, the one definition also used in training). The cache never masks the
-whole prefix; each layer gets a plan derived from that mask function:
+(:func:`dalle.models.attention.mask_function`, the one definition also used in training). The caption's keys and
+values are kept apart from the image positions', once per block of consecutive rows with the same caption (a
+caption's candidates) rather than once per row, and a step reads them as one matrix product with the block's queries
+(:func:`attend_step`). The image keys never need the whole prefix masked; each layer gets a plan derived from that
+mask function:
 
 * ``prefix`` (dense layers): image keys ``0 … i``, a prefix of the buffer;
 * ``ring`` (row and conv layers): the allowed image keys all lie within the last ``window`` positions (row:
-  grid_size + 1 of them, Figure 11(a)), so image position ``i`` is stored in slot ``i mod window`` after the text
-  and a step reads the buffer's first ``text_len + min(i + 1, window)`` slots. Attention has no notion of order
-  (positions live in the embeddings), so the ring's rotation does not matter. A conv layer's window also holds
-  positions its kernel skips (the wrap-around columns), which a small additive mask removes;
-* ``gather`` (column layers): the allowed keys are one in grid_size (Figure 11(b)), so the text keys and the same
-  column's earlier rows are copied out with one ``index_select``.
+  grid_size + 1 of them, Figure 11(a)), so image position ``i`` is stored in slot ``i mod window`` and a step reads
+  the buffer's first ``min(i + 1, window)`` slots. Attention has no notion of order (positions live in the
+  embeddings), so the ring's rotation does not matter. A conv layer's window also holds positions its kernel skips
+  (the wrap-around columns), which a small additive mask removes;
+* ``strided`` (column layers): the allowed keys are ``i, i − g, i − 2g, …`` (Figure 11(b)), so positions are stored
+  column by column and a step reads its column's earlier rows as one contiguous run of slots;
+* ``gather`` (any other sparse mask, e.g. the paper's 11×11 conv on 32 columns): the allowed keys are copied out
+  with one ``index_select``.
 
 Buffers are allocated once per batch size and reused; every per-step index, slot and mask is computed in advance, and
 the loop never reads a tensor back to Python (no ``.item()``), so a step is a fixed list of tensor operations. A
@@ -49,9 +54,10 @@ from dalle.models.transformer import PriorTransformer
 # Gumbel noise is drawn for this many cells at a time: one call per sample per block, and bounded memory at the
 # paper's size (8 samples × 64 cells × 8192 codes × 4 bytes = 16 MiB).
 NOISE_BLOCK = 64
-# A ring buffer with a mask is used while at least this share of the keys in its window are allowed; below it
-# (column layers: 1 in grid_size) the allowed keys are gathered instead.
-RING_MIN_DENSITY = 0.5
+# A ring buffer with a mask is used while at least this share of the keys in its window are allowed; below it the
+# allowed keys are gathered instead. A gather reads each allowed key, writes it and reads the copy again, where the
+# ring reads 1 / density keys per allowed one: the ring moves less memory above about one in three.
+RING_MIN_DENSITY = 1 / 3
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -147,14 +153,26 @@ def make_generators(config: SampleConfig, device: torch.device, generator: Gener
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Where a layer stores image position ``i`` and which keys a query at ``i`` reads (see the module docstring)."""
+    """Where a layer stores image position ``i`` and which image keys a query at ``i`` reads (module docstring)."""
 
-    mode: str  # "prefix", "ring" or "gather"
-    window: int  # image slots after the text; position i lives in slot text_len + i % window
-    slots: tuple[int, ...]  # per image position: buffer slot of its key and value
-    n_keys: tuple[int, ...]  # per image position: keys read, a prefix of the buffer (prefix and ring)
-    masks: tuple[torch.Tensor | None, ...]  # per image position: additive (1, n_keys) mask, or None if all allowed
-    index: tuple[torch.Tensor | None, ...]  # per image position: slots to gather (gather mode)
+    mode: str  # "prefix", "ring", "strided" or "gather"
+    window: int  # image slots in the buffer
+    slots: tuple[int, ...]  # per image position: the image slot of its key and value
+    spans: tuple[tuple[int, int], ...]  # per image position: the image slots [lo, hi) it reads (all but gather)
+    masks: tuple[torch.Tensor | None, ...]  # per image position: additive (1, hi − lo) mask, or None if all allowed
+    index: tuple[torch.Tensor | None, ...]  # per image position: the image slots to gather (gather mode)
+
+
+def _stride(allowed: torch.Tensor) -> int | None:
+    """``s`` if every image query ``i`` may read exactly the keys ``i, i − s, i − 2s, …`` (column layers), else None."""
+    n = allowed.shape[0]
+    offsets = (torch.arange(n)[:, None] - torch.arange(n)[None, :])[allowed]
+    positive = offsets[offsets > 0]
+    if len(positive) == 0:
+        return None
+    s = int(positive.min())
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return s if torch.equal(allowed, (j <= i) & ((i - j) % s == 0)) else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -170,51 +188,98 @@ def layer_plan(kind: str, layout: Layout, device: torch.device, dtype: torch.dty
     window = int(offsets[allowed].max()) + 1
     visible = torch.arange(n).clamp(max=window - 1) + 1  # (N,) keys a ring of `window` slots would hold
     density = float(allowed.sum()) / float(visible.sum())
+    stride = _stride(allowed)
     if density == 1.0:
         mode = "prefix" if window == n else "ring"
+    elif density >= RING_MIN_DENSITY:
+        mode = "ring"
     else:
-        mode = "ring" if density >= RING_MIN_DENSITY else "gather"
-    if mode == "gather":
-        window = n
-    slots = tuple(t + i % window for i in range(n))
-    n_keys = tuple(t + min(i + 1, window) for i in range(n))
+        mode = "strided" if stride is not None else "gather"
     masks: list[torch.Tensor | None] = [None] * n
     index: list[torch.Tensor | None] = [None] * n
-    for i in range(n):
-        if mode == "gather":
-            cells = allowed[i].nonzero().flatten()
-            index[i] = torch.cat([torch.arange(t), t + cells]).to(device)
-        elif mode == "ring" and not bool(allowed[i, max(0, i - window + 1):i + 1].all()):
-            held = i - (i - torch.arange(min(i + 1, window))) % window  # (n_keys − t,) image position in each slot
-            ok = torch.cat([torch.ones(t, dtype=torch.bool), allowed[i, held]])
-            masks[i] = torch.zeros(1, len(ok), dtype=dtype).masked_fill_(~ok, -math.inf).to(device)
-    return LayerPlan(mode, window, slots, n_keys, tuple(masks), tuple(index))
+    if mode == "strided":  # column-major: one column's rows lie side by side
+        rows = -(-n // stride)
+        window = stride * rows
+        slots = [i % stride * rows + i // stride for i in range(n)]
+        spans = [(i % stride * rows, i % stride * rows + i // stride + 1) for i in range(n)]
+    elif mode == "gather":
+        window = n
+        slots, spans = list(range(n)), [(0, 0)] * n
+        index = [allowed[i].nonzero().flatten().to(device) for i in range(n)]
+    else:  # prefix: a ring that never wraps
+        slots = [i % window for i in range(n)]
+        spans = [(0, min(i + 1, window)) for i in range(n)]
+        for i in range(n):
+            if not bool(allowed[i, max(0, i - window + 1):i + 1].all()):
+                held = i - (i - torch.arange(min(i + 1, window))) % window  # image position in each slot
+                masks[i] = torch.zeros(1, len(held), dtype=dtype).masked_fill_(~allowed[i, held], -math.inf
+                                                                                ).to(device)
+    return LayerPlan(mode, window, tuple(slots), tuple(spans), tuple(masks), tuple(index))
+
+
+def group_size(rows: torch.Tensor) -> int:
+    """The largest ``n`` such that ``rows`` ``(B, ...)`` come in blocks of ``n`` identical consecutive rows."""
+    if len(rows) < 2:
+        return len(rows)
+    changes = (rows[1:] != rows[:-1]).flatten(1).any(1).nonzero().flatten() + 1  # first row of each later run
+    bounds = [0, *changes.tolist(), len(rows)]
+    return functools.reduce(math.gcd, (b - a for a, b in zip(bounds, bounds[1:])))
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: ``(2, B, H, text_len + window, D)`` per layer."""
+    """Preallocated keys and values of every layer: the caption's ``(2, U, H, text_len, D)``, one copy per group of
+    ``B / U`` consecutive rows that share it (a caption's candidates), and each row's image positions
+    ``(2, B, H, window, D)``."""
 
-    def __init__(self, plans: Sequence[LayerPlan], text_len: int, batch: int, n_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.plans, self.text_len, self.batch = tuple(plans), text_len, batch
-        self.buffers = [torch.empty(2, batch, n_heads, text_len + p.window, head_dim, device=device, dtype=dtype)
-                        for p in plans]
+    def __init__(self, plans: Sequence[LayerPlan], text_len: int, batch: int, groups: int, n_heads: int,
+                 head_dim: int, device: torch.device, dtype: torch.dtype):
+        self.plans, self.text_len, self.batch, self.groups = tuple(plans), text_len, batch, groups
+        self.text = [torch.empty(2, groups, n_heads, text_len, head_dim, device=device, dtype=dtype) for _ in plans]
+        self.image = [torch.empty(2, batch, n_heads, p.window, head_dim, device=device, dtype=dtype) for p in plans]
 
-    def fits(self, batch: int, device: torch.device, dtype: torch.dtype) -> bool:
-        b = self.buffers[0]
-        return self.batch == batch and b.device == device and b.dtype == dtype
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        return self.text + self.image
 
-    def fill(self, layer: int, kv: torch.Tensor) -> None:
-        """Store the keys and values ``(2, B, H, L0, D)`` of positions ``0 … L0 − 1`` (text, then image)."""
-        t, plan, buf = self.text_len, self.plans[layer], self.buffers[layer]
-        buf[:, :, :, :t] = kv[:, :, :, :t]
-        m = kv.shape[3] - t  # image positions given
+    def fits(self, batch: int, groups: int, device: torch.device, dtype: torch.dtype) -> bool:
+        b = self.image[0]
+        return (self.batch, self.groups) == (batch, groups) and b.device == device and b.dtype == dtype
+
+    def fill(self, layer: int, text: torch.Tensor, image: torch.Tensor) -> None:
+        """Store the caption's keys and values ``(2, U, H, text_len, D)`` and those of image positions
+        ``0 … m − 1``, ``(2, B, H, m, D)``."""
+        plan, buf = self.plans[layer], self.image[layer]
+        self.text[layer].copy_(text)
+        m = image.shape[3]
         first = max(0, m - plan.window)  # older ones fall out of a ring
         slots = torch.tensor(plan.slots[first:m], device=buf.device)
-        buf.index_copy_(3, slots, kv[:, :, :, t + first:])
+        buf.index_copy_(3, slots, image[:, :, :, first:])
 
     def memory_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+def attend_step(q: torch.Tensor, text: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row, ``q`` ``(B, H, D)``, over the caption's keys and values ``text``
+    ``(2, U, H, t, D)`` (shared by blocks of ``B / U`` consecutive rows) and the row's own image ``keys`` and
+    ``values`` ``(B, H, m, D)`` behind an additive ``mask`` ``(1, m)``; → ``(B, H, D)``.
+
+    One softmax over both parts, as SDPA over their concatenation would give, without copying either: the shared
+    caption keys are read once per group, as a matrix product with the group's queries.
+    """
+    b, h, d = q.shape
+    u, t, m = text.shape[1], text.shape[3], keys.shape[2]
+    q = q * d ** -0.5
+    grouped = q.view(u, b // u, h, d).transpose(1, 2)  # (U, H, n, D)
+    s_text = torch.matmul(grouped, text[0].transpose(-1, -2)).transpose(1, 2).reshape(b, h, t)  # (B, H, t)
+    s_image = torch.matmul(q.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2)  # (B, H, m)
+    if mask is not None:
+        s_image = s_image + mask
+    p = torch.cat([s_text, s_image], -1).softmax(-1, dtype=torch.float32).to(q.dtype)  # (B, H, t + m)
+    p_text, p_image = p.split([t, m], -1)
+    out = torch.matmul(p_text.view(u, b // u, h, t).transpose(1, 2), text[1]).transpose(1, 2)  # (U, n, H, D)
+    return out.reshape(b, h, d) + torch.matmul(p_image.unsqueeze(2), values).squeeze(2)
 
 
 # --- the decoder -----------------------------------------------------------------------------------------------
@@ -260,9 +325,10 @@ class _Linear:
 
 
 class _Layer:
-    """One block's weights, its plan and cache buffer, laid out for a one-position step."""
+    """One block's weights, its plan and cache buffers, laid out for a one-position step."""
 
-    __slots__ = ("ln_1", "qkv", "proj", "ln_2", "fc", "out", "plan", "kv", "writes", "keys", "n_heads", "head_dim")
+    __slots__ = ("ln_1", "qkv", "proj", "ln_2", "fc", "out", "plan", "text", "image", "writes", "keys", "n_heads",
+                 "head_dim")
 
     def __init__(self, block: torch.nn.Module, plan: LayerPlan, packed: bool):
         self.ln_1, self.ln_2 = ((m.normalized_shape, m.weight, m.bias, m.eps) for m in (block.ln_1, block.ln_2))
@@ -270,15 +336,16 @@ class _Layer:
         self.fc, self.out = _Linear(block.mlp.fc.weight, packed), _Linear(block.mlp.proj.weight, packed)
         self.n_heads, self.head_dim = block.attn.n_heads, block.attn.head_dim
         self.plan = plan
-        self.kv, self.writes, self.keys = None, (), ()
+        self.text, self.image, self.writes, self.keys = None, None, (), ()
 
-    def attach(self, kv: torch.Tensor) -> None:
-        """Use the buffer ``kv`` (2, B, H, S, D), with the views every step writes and reads made once here."""
+    def attach(self, text: torch.Tensor, image: torch.Tensor) -> None:
+        """Use the buffers ``text`` (2, U, H, t, D) and ``image`` (2, B, H, W, D), with the views every step
+        writes and reads made once here."""
         plan = self.plan
-        self.kv = kv
-        self.writes = [kv[:, :, :, s] for s in plan.slots]  # (2, B, H, D) per image position
-        self.keys = [None if index is not None else kv[:, :, :, :n].unbind(0)  # (B, H, n, D) keys and values
-                     for n, index in zip(plan.n_keys, plan.index)]
+        self.text, self.image = text, image
+        self.writes = [image[:, :, :, s] for s in plan.slots]  # (2, B, H, D) per image position
+        self.keys = [None if index is not None else image[:, :, :, lo:hi].unbind(0)  # (B, H, m, D) keys and values
+                     for (lo, hi), index in zip(plan.spans, plan.index)]
 
     def step(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The block on image position ``i`` alone: ``(B, dim)`` → ``(B, dim)``; stores its key and value."""
@@ -287,10 +354,9 @@ class _Layer:
         self.writes[i].copy_(qkv[:, 1:].transpose(0, 1))  # (2, B, H, D) into the cache
         keys = self.keys[i]
         if keys is None:
-            keys = self.kv.index_select(3, plan.index[i])  # (2, B, H, S, D): the allowed keys only
-        y = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), keys[0], keys[1],
-                                           attn_mask=plan.masks[i])  # (B, H, 1, D)
-        x = self.proj.add(y.view(b, -1), x)  # x + attention
+            keys = self.image.index_select(3, plan.index[i])  # (2, B, H, m, D): the allowed keys only
+        y = attend_step(qkv[:, 0], self.text, keys[0], keys[1], plan.masks[i])  # (B, H, D)
+        x = self.proj.add(y.reshape(b, -1), x)  # x + attention
         return self.out.add(self.fc.gelu(torch.layer_norm(x, *self.ln_2)), x)  # x + MLP
 
 
@@ -323,13 +389,13 @@ class PriorDecoder:
         self.cache: KVCache | None = None
         self.position = 0  # image position the next step feeds
 
-    def _cache_for(self, batch: int) -> KVCache:
-        if self.cache is None or not self.cache.fits(batch, self.device, self.dtype):
+    def _cache_for(self, batch: int, groups: int) -> KVCache:
+        if self.cache is None or not self.cache.fits(batch, groups, self.device, self.dtype):
             cfg = self.model.config
-            self.cache = KVCache([layer.plan for layer in self.layers], cfg.text_len, batch, cfg.n_heads,
+            self.cache = KVCache([layer.plan for layer in self.layers], cfg.text_len, batch, groups, cfg.n_heads,
                                  cfg.head_dim, self.device, self.dtype)
-            for layer, buf in zip(self.layers, self.cache.buffers):
-                layer.attach(buf)
+            for layer, text, image in zip(self.layers, self.cache.text, self.cache.image):
+                layer.attach(text, image)
         return self.cache
 
     def check_prompt(self, prompt: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -354,14 +420,16 @@ class PriorDecoder:
         prompt = self.check_prompt(prompt, batch)
         if prompt.shape[1] >= self.image_len:
             raise UserError("the prompt already fills the grid: nothing is left to predict")
-        cache = self._cache_for(batch)
         # Candidates of one caption share its prefix: run each distinct row once and copy its keys and values.
+        # Blocks of identical consecutive rows also keep one copy of the caption's keys and values for every step.
         rows = torch.cat([text_ids, pad_mask.long(), prompt], dim=1)  # (B, text_len * 2 + n)
+        group = group_size(rows)
+        cache = self._cache_for(batch, batch // group)
         unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, ...), (B,)
+        t = self.text_len
         if len(unique) == batch:
             inverse = None
         else:
-            t = self.text_len
             text_ids, pad_mask, prompt = unique[:, :t], unique[:, t:2 * t].bool(), unique[:, 2 * t:]
         x = torch.cat([model.embed_text(text_ids, pad_mask), model.embed_image(prompt)], dim=1)  # (U, L0, dim)
         b, length, _ = x.shape
@@ -369,7 +437,10 @@ class PriorDecoder:
             attn = block.attn
             qkv = attn.qkv(block.ln_1(x)).view(b, length, 3, attn.n_heads, attn.head_dim)  # (U, L0, 3, H, D)
             kv = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)  # (2, U, H, L0, D)
-            cache.fill(i, kv if inverse is None else kv[:, inverse])  # (2, B, H, L0, D)
+            text, image = kv[:, :, :, :t], kv[:, :, :, t:]
+            if inverse is not None:
+                text, image = text[:, inverse[::group]], image[:, inverse]
+            cache.fill(i, text, image)
             x = x + attn.proj(attend(qkv, attn.kind, attn.layout, attn.impl).reshape(b, length, -1))
             x = x + block.mlp(block.ln_2(x))
         self.position = length - self.text_len  # image positions fed: begin-of-image + n codes
