@@ -105,6 +105,17 @@ def test_draw_batches_hold_equal_blocks_of_one_caption(n_captions, n, batch_size
         assert len(set(sizes.values())) == 1  # the decoder keeps one copy of each caption's keys
 
 
+def test_precision_samples_a_converted_copy_of_the_prior(run_dir, generator):
+    bf16 = Generator.from_parts(generator.prior, generator.dvae, generator.tokenizer, precision="bf16")
+    assert bf16.precision == "bf16" and bf16.prior.image_head.weight.dtype == torch.bfloat16
+    assert generator.precision == "fp32" and generator.prior.image_head.weight.dtype == torch.float32  # untouched
+    (ours,) = bf16.generate(["a red circle"], n=2)
+    assert ours.images.shape == (2, 16, 16, 3) and ours.images.dtype == np.uint8
+    assert Generator.from_run(run_dir, precision="auto").precision == "fp32"  # the tests' auto (conftest.py)
+    with pytest.raises(UserError, match="unknown precision 'fp8'"):
+        Generator.from_run(run_dir, precision="fp8")
+
+
 @pytest.mark.parametrize("keep_rows", [0, 1, 3, 4])
 def test_completion_keeps_the_prompt_rows(generator, keep_rows):
     image = an_image()
@@ -172,6 +183,7 @@ def test_cli_generate_writes_images_sheet_and_record(run_dir, tmp_path, capsys):
     assert [g["caption"] for g in record["generations"]] == ["a green triangle", "a blue square", "a red circle"]
     assert record["seed"] == 5 and record["settings"]["sample"]["top_k"] == 10 and record["settings"]["n"] == 4
     assert record["models"]["prior"] == str(run_dir / "prior" / "model")
+    assert record["precision"] == "fp32" and record["settings"]["precision"] == "auto"  # the tests' auto: fp32
     first = record["generations"][0]
     assert first["files"] == ["a-green-triangle/1.png", "a-green-triangle/2.png"]
     assert len(first["scores"]) == 2 and len(first["candidate_scores"]) == 4

@@ -56,6 +56,7 @@ def test_pipeline_runs_every_stage_and_ends_with_the_report(finished):
     amp = PipelineConfig().amp_args()[1]
     for stage in ("dvae", "prior", "reranker"):
         assert json.loads((out / stage / "config.json").read_text())["train"]["amp"] == amp
+    assert metrics["sampling_precision"] == {"bf16": "bf16", "none": "fp32"}[amp]
 
 
 @pytest.mark.parametrize("given, native, expected", [("auto", True, "bf16"), ("auto", False, "none"),
@@ -69,6 +70,9 @@ def test_pipeline_amp_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, g
     for stage in trained:
         argv = stage.argv(cfg)[0]
         assert argv[argv.index("--amp") + 1] == expected
+    (evaluation,) = [s for s in pipeline.STAGES if s.name.startswith("generation")]
+    argv = evaluation.argv(cfg)[0]
+    assert argv[argv.index("--precision") + 1] == {"bf16": "bf16", "none": "fp32"}[expected]  # sampling follows
 
 
 def test_pipeline_skips_finished_stages_and_still_prints_the_summary(finished, tmp_path, capsys):

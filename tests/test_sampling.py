@@ -1,6 +1,7 @@
 """KV-cached sampling: cached logits equal a full forward pass for every mask kind, the cache reads exactly the keys
 each mask allows, top-k / top-p, Gumbel-max draws, seeds, prompts, and the uncached reference."""
 
+import copy
 import math
 
 import pytest
@@ -40,6 +41,7 @@ def model_and_text(schedule: str = "paper", batch: int = 3, device: torch.device
 
 # Both ways of running a step's matmuls: oneDNN with pre-packed weights (CPU default) and plain F.linear.
 PACKED = [False] + ([True] if packed_linears_available(torch.device("cpu"), torch.float32) else [])
+PACKED_BF16 = [False] + ([True] if packed_linears_available(torch.device("cpu"), torch.bfloat16) else [])
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -75,6 +77,28 @@ def test_gathered_conv_keys_give_the_full_forward_logits():
     torch.testing.assert_close(decoder.prefill(ids[order], pad_mask[order]), full[:, 0], atol=1e-5, rtol=1e-5)
     for j in range(cfg.image_len - 1):
         torch.testing.assert_close(decoder.step(codes[:, j]), full[:, j + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", PACKED_BF16)
+def test_bf16_steps_follow_the_fp32_forward_and_draw_the_same_codes(packed):
+    """A bf16 copy of the prior, sampled step by step, stays within bf16 rounding of the fp32 model's full forward
+    pass, and from one seed it draws the fp32 sampler's codes but for rare near-ties."""
+    model, ids, pad_mask = model_and_text("paper", batch=4)
+    cfg = model.config
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    codes = torch.randint(0, cfg.codebook_size, (4, cfg.image_len))
+    with torch.no_grad():
+        full = model(ids, pad_mask, codes.view(4, cfg.grid_size, cfg.grid_size)).image  # (B, N, K) fp32
+    decoder = PriorDecoder(half, packed=packed)
+    logits = [decoder.prefill(ids, pad_mask)] + [decoder.step(codes[:, j]) for j in range(cfg.image_len - 1)]
+    logits = torch.stack(logits, 1)  # (B, N, K)
+    assert logits.dtype == torch.bfloat16
+    error = (logits.float() - full).abs().max()
+    assert error < 0.02 * full.abs().max(), (error, full.abs().max())
+    many_ids, many_pad = ids.repeat(16, 1), pad_mask.repeat(16, 1)
+    fp32 = PriorDecoder(model).sample(many_ids, many_pad, seed=3, temperature=0.5)
+    bf16 = PriorDecoder(half, packed=packed).sample(many_ids, many_pad, seed=3, temperature=0.5)
+    assert (fp32 == bf16).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("prompt_len", [0, 6])

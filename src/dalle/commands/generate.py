@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dalle import clip_options
+from dalle import clip_options, sample_options
 from dalle.config import add_options, check, from_args, option, to_dict
 from dalle.errors import UserError
 
@@ -53,6 +53,7 @@ class ModelsConfig:
                           "the first draws")
     batch_size: int = option(16, "(caption, candidate) rows sampled at once; bounds memory")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    precision: str = sample_options.sampling_precision()
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice; on a busy 2-core machine one "
                                   "thread sampled the tiny preset faster than two)")
 
@@ -64,6 +65,8 @@ class ModelsConfig:
             setattr(self, name, Path(value) if value is not None else None)
         check(self.batch_size >= 1, self, "batch_size", "must be at least 1")
         check(self.threads is None or self.threads >= 1, self, "threads", "must be at least 1")
+        check(self.precision in sample_options.PRECISIONS, self, "precision",
+              f"must be one of {', '.join(sample_options.PRECISIONS)}")
 
 
 @dataclasses.dataclass
@@ -143,7 +146,7 @@ def load_generator(cfg: ModelsConfig) -> tuple[Generator, dict[str, str | None]]
         parts["reranker"] = None
     generator = Generator.from_paths(parts["prior"], parts["dvae"], parts["tokenizer"], parts["reranker"],
                                      device=cfg.device, batch_size=cfg.batch_size, clip_vocab=cfg.clip_vocab,
-                                     clip_activation=cfg.clip_activation)
+                                     clip_activation=cfg.clip_activation, precision=cfg.precision)
     if parts["tokenizer"] is None:
         parts["tokenizer"] = parts["prior"]  # from_paths took the tokenizer saved beside the prior
     return generator, {name: None if path is None else str(path) for name, path in parts.items()}
@@ -175,7 +178,8 @@ def run_generate(args: argparse.Namespace) -> int:
     generator, models = load_generator(cfg)
     lengths = caption_lengths(generator.tokenizer, captions)
     results = generator.generate(captions, n=cfg.n, keep=cfg.kept, sample=sample)
-    write_outputs(cfg, sample, results, {"command": "generate", "models": models}, lengths=lengths)
+    record = {"command": "generate", "models": models, "precision": generator.precision}
+    write_outputs(cfg, sample, results, record, lengths=lengths)
     return 0
 
 
@@ -210,8 +214,8 @@ def run_complete(args: argparse.Namespace) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     reconstruction = generator.reconstruct(image)  # what the prompt rows were taken from
     Image.fromarray(reconstruction).save(cfg.out / "input.png")
-    write_outputs(cfg, sample, [result], {"command": "complete", "models": models, "image": str(args.image),
-                                          "keep_rows": keep_rows, "input": "input.png"},
+    write_outputs(cfg, sample, [result], {"command": "complete", "models": models, "precision": generator.precision,
+                                          "image": str(args.image), "keep_rows": keep_rows, "input": "input.png"},
                   first_cell=(reconstruction, "input (dVAE)"), lengths=lengths)
     return 0
 

@@ -95,9 +95,9 @@ class PipelineConfig:
     # One thread: on 2 shared cores (load ~5) the same evaluation took 78 s with 1 thread and 250 s with 2 (the
     # sampler's many tiny per-step ops and the convolutions both stall on oversubscribed intra-op threads).
     eval_threads: int | None = option(1, "CPU threads of the evaluation stage (more pay off only on idle cores)")
-    amp: str = option("auto", "autocast of the training stages: auto = bf16 where this machine computes it in "
-                      "hardware (a CUDA GPU, or a CPU with AVX512-BF16 or AMX: about 2x faster dVAE steps), else "
-                      "fp32", choices=PIPELINE_AMP)
+    amp: str = option("auto", "autocast of the training stages, and the prior's arithmetic while the evaluation "
+                      "samples: auto = bf16 where this machine computes it in hardware (a CUDA GPU, or a CPU with "
+                      "AVX512-BF16 or AMX: about 2x faster dVAE steps), else fp32", choices=PIPELINE_AMP)
     seed: int = option(0, "seed of every stage")
     data_options: tuple[str, ...] = option((), "the stages' other --data-* options, as given", cli=False)
 
@@ -169,7 +169,8 @@ class PipelineConfig:
     def eval_args(self) -> list[str]:
         args = ["--run", str(self.out), "--captions", str(self.eval_captions), "--candidates",
                 str(self.eval_candidates), "--real-images", str(self.eval_real_images), "--features",
-                self.eval_features, "--seed", str(self.seed)]
+                self.eval_features, "--seed", str(self.seed),
+                "--precision", "bf16" if self.amp_args()[1] == "bf16" else "fp32"]
         if self.eval_threads is not None:
             args += ["--threads", str(self.eval_threads)]
         return args + (["--inception-weights", str(self.inception_weights)] if self.inception_weights else [])

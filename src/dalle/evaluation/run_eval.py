@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dalle import clip_options
+from dalle import clip_options, sample_options
 from dalle.checkpoint import write_text_atomic
 from dalle.config import check, option, to_dict
 from dalle.data.token_cache import TokenCache, cache_batches
@@ -95,6 +95,7 @@ class EvalConfig:
     top_k: int | None = option(None, "sample among the k most likely codes (default: all)")
     top_p: float | None = option(None, "sample from the smallest set of codes holding this probability mass")
     seed: int = option(0, "seed of the sampling")
+    precision: str = sample_options.sampling_precision()
     batch_size: int = option(64, "images per batch of the feature network and the dVAE")
     sample_batch_size: int = option(256, "(caption, sample) rows the prior draws and the dVAE decodes at once; at "
                                     "CPU sizes a step is mostly fixed overhead, so larger is faster (lower it for "
@@ -131,6 +132,8 @@ class EvalConfig:
         check(self.sample_batch_size >= 1, self, "sample_batch_size", "must be at least 1")
         check(self.prior_records >= 1, self, "prior_records", "must be at least 1")
         check(self.threads is None or self.threads >= 1, self, "threads", "must be at least 1")
+        check(self.precision in sample_options.PRECISIONS, self, "precision",
+              f"must be one of {', '.join(sample_options.PRECISIONS)}")
 
 
 # ----------------------------------------------------------------------------------------------------- the run
@@ -237,10 +240,12 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
         sets += [train] if heldout is None else [train, heldout]
         floor, _ = load_real(split_data(run, "train"), len(captions))  # as many as generated validation images
     with _phase(seconds, "generation"):
-        generator = Generator.from_run(run, device=device, batch_size=cfg.sample_batch_size, reranker=reranker)
+        generator = Generator.from_run(run, device=device, batch_size=cfg.sample_batch_size, reranker=reranker,
+                                       precision=cfg.precision)
         samples = draw(generator, sets, cfg)
     metrics: dict[str, Any] = {
         "run": str(run), "dataset": split_data(run, "val").source, "device": str(device),
+        "sampling_precision": generator.precision,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": to_dict(cfg),
         "counts": {"captions": {name: len(s.captions.captions) for name, s in samples.items()},
                    "candidates": cfg.candidates, "real_images": len(real), "generated_val": len(captions),

@@ -288,9 +288,17 @@ def attend_step(q: torch.Tensor, text: torch.Tensor, keys: torch.Tensor, values:
 
 
 def packed_linears_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN can run our one-position matmuls from pre-packed weights (CPU, fp32, torch built with it)."""
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether oneDNN can run our one-position matmuls from pre-packed weights: on the CPU, in fp32, or in bf16 where
+    oneDNN supports it, with torch built with it."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        if supported is None or not supported():
+            return False
+    elif dtype != torch.float32:
+        return False
+    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class _Linear:
