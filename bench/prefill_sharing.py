@@ -1,13 +1,15 @@
-"""What sharing the caption's prefill among its candidates saves: sampling N candidates of one caption against N
-candidates of N different captions of the same length, on the ``tiny`` prior preset.
+"""What sharing the caption among its candidates saves: sampling N candidates of one caption against N candidates of
+N different captions of the same length, on the ``tiny`` prior preset.
 
 ``PriorDecoder.prefill`` runs each distinct caption (and prompt) once and copies its keys and values to every row
-that repeats it; with distinct captions every row is run. Both batches do the same work otherwise (full-length
-captions, no padding, the same number of image steps), so the ratio is what the sharing saves: on the prefill alone,
-and on a whole sample (prefill + grid_size² − 1 cached steps). The two are timed one after the other in one process,
-the median of the timed calls after a warm-up.
+that repeats it; rows in blocks of one caption (as ``Generator`` batches a caption's candidates) also keep a single
+copy of the caption's keys and values, which every step reads as one matrix product with the block's queries. With
+distinct captions every row is run and keeps its own. Both batches do the same work otherwise (full-length captions,
+no padding, the same number of image steps), so the ratio is what the sharing saves: on the prefill alone, and on a
+whole sample (prefill + grid_size² − 1 cached steps). The two are timed one after the other in one process, the
+median of the timed calls after a warm-up.
 
-    .venv/bin/python bench/prefill_sharing.py            # ~1 min on 2 cores
+    .venv/bin/python bench/prefill_sharing.py            # ~3 min on 2 cores
     .venv/bin/python bench/prefill_sharing.py --write    # ... and record it in bench/RESULTS.md
 """
 
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 
 from _common import THREADS, command_line, time_calls, write_section  # noqa: E402
 
-CANDIDATES = (8, 16, 32)
+CANDIDATES = (8, 32, 128, 256)  # up to `dalle eval`'s 256-row batches
 TIMED = 5
 
 
@@ -81,13 +83,14 @@ def table(rows: list[dict], schedule: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--schedule", default="dense", help="attention schedule of the prior (default dense)")
+    parser.add_argument("--schedule", default="paper", help="attention schedule of the prior (default paper: row, "
+                        "column, row, conv)")
     parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     args = parser.parse_args()
     text = table(measure(args.schedule), args.schedule)
     print(text)
     if args.write:
-        write_section("prefill_sharing", "Sharing the caption's prefill among candidates (`bench/prefill_sharing.py`)",
+        write_section("prefill_sharing", "Sharing the caption among candidates (`bench/prefill_sharing.py`)",
                       command_line("bench/prefill_sharing.py"), text,
                       [f"median of {TIMED} prefills and {TIMED} whole samples per cell after one warm-up, shared then "
                        "distinct in one process"])

@@ -70,7 +70,7 @@ class Generator:
 
     ``precision`` (:data:`PRECISIONS`) sets the prior's arithmetic while sampling: bf16 computes each step's matrix
     products about twice as fast on a CPU with bf16 in hardware, and the codes it draws are those of fp32 but for
-    rare near-ties (bench/RESULTS.md, "Generation"). A prior in another dtype is sampled from a converted copy. The
+    rare near-ties (bench/RESULTS.md, "Sampling for `dalle eval`"). A prior in another dtype is sampled from a copy. The
     dVAE and the reranker stay in their own precision.
     """
 
