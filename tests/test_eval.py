@@ -298,9 +298,13 @@ def test_eval_without_a_heldout_split_shows_validation_captions(tiny_run, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("heldout", "eval"))
     cfg = EvalConfig(run=run, features="reranker", inception_score=False, captions=2, candidates=2, real_images=4,
-                     blur_radii=(0.0,), prior_records=4, device="cpu")
+                     blur_radii=(0.0,), prior_records=4, device="cpu", precision="bf16")
     m = evaluate_run(cfg)
     assert m["counts"]["captions"] == {"val": 2, "train": 2} and set(m["prior"]) == {"val"}
+    # bf16 sampling, and the prior's loss under bf16 autocast: within bf16 rounding of the fp32 loss.
+    fp32 = prior_loss(PriorTransformer.from_pretrained(run / "prior" / "model").eval(),
+                      TextTokenizer.load(run / "tokenizer"), TokenCache(run / "cache" / "val"), 4, cfg.batch_size)
+    assert m["sampling_precision"] == "bf16" and m["prior"]["val"]["loss"] == pytest.approx(fp32["loss"], rel=0.02)
     assert m["unseen_captions"]["set"] == "val" and set(m["compositional"]["sets"]) == {"train"}
     assert "has no held-out split" in (run / "eval" / "report.html").read_text(encoding="utf-8")
 
