@@ -51,7 +51,8 @@ class ModelsConfig:
     clip_activation: str | None = clip_options.clip_activation()
     rerank: bool = option(True, "score the draws with the reranker (if any) and keep the best; --no-rerank keeps "
                           "the first draws")
-    batch_size: int = option(16, "(caption, candidate) rows sampled at once; bounds memory")
+    batch_size: int = option(64, "(caption, candidate) rows sampled at once; bounds memory (lower it for a large "
+                             "prior)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     precision: str = sample_options.sampling_precision()
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice; on a busy 2-core machine one "
