@@ -57,14 +57,13 @@ def candidate_seed(seed: int, caption_index: int, candidate: int) -> int:
 
 
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The prior's dtype for ``precision`` (:data:`PRECISIONS`) on ``device``."""
-    from dalle.training.precision import native_bf16
+    """The prior's dtype for ``precision`` (:data:`PRECISIONS`) on ``device``: ``auto`` decides as training's
+    ``--amp auto`` does (:func:`dalle.training.precision.autocast_dtype`)."""
+    from dalle.training.precision import autocast_dtype
 
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
-        return torch.bfloat16
-    return torch.float32
+    return autocast_dtype("none" if precision == "fp32" else precision, device) or torch.float32
 
 
 class Generator:
