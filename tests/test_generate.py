@@ -116,6 +116,24 @@ def test_precision_samples_a_converted_copy_of_the_prior(run_dir, generator):
         Generator.from_run(run_dir, precision="fp8")
 
 
+def test_bf16_decodes_under_autocast_close_to_fp32(generator, monkeypatch):
+    bf16 = Generator.from_parts(generator.prior, generator.dvae, generator.tokenizer, precision="bf16")
+    codes = torch.randint(0, generator.dvae.config.codebook_size, (3, generator.grid_size, generator.grid_size),
+                          generator=torch.Generator().manual_seed(0))
+    exact, fast = generator._decode(codes), bf16._decode(codes)
+    assert fast.dtype == np.uint8 and fast.shape == exact.shape
+    diff = np.abs(fast.astype(int) - exact.astype(int))
+    assert diff.mean() < 2 and diff.max() <= 16  # bf16 keeps 8 significant bits
+
+    seen = []
+    decode = generator.dvae.decode
+    monkeypatch.setattr(generator.dvae, "decode", lambda c: seen.append(torch.get_autocast_dtype("cpu")
+                                                                         if torch.is_autocast_enabled("cpu")
+                                                                         else None) or decode(c))
+    generator._decode(codes), bf16._decode(codes)
+    assert seen == [None, torch.bfloat16]  # fp32 decodes without autocast, bf16 under it
+
+
 @pytest.mark.parametrize("keep_rows", [0, 1, 3, 4])
 def test_completion_keeps_the_prompt_rows(generator, keep_rows):
     image = an_image()

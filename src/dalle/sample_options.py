@@ -11,6 +11,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def sampling_precision() -> Any:
-    return option("auto", "the prior's arithmetic while sampling: auto (bf16 where the device computes it in "
-                          "hardware: a GPU with bf16, or a CPU with AVX512-BF16 or AMX; else fp32), fp32 or bf16",
+    return option("auto", "the arithmetic of the prior while sampling and of the dVAE while decoding: auto (bf16 "
+                          "where the device computes it in hardware: a GPU with bf16, or a CPU with AVX512-BF16 or "
+                          "AMX; else fp32), fp32 or bf16",
                   choices=PRECISIONS)
