@@ -93,6 +93,17 @@ def test_resume_is_exact(straight, tmp_path, how):
     assert_same_run(straight[0], out)
 
 
+def test_resume_is_exact_with_worker_processes(tmp_path):
+    """The data-loading processes persist from epoch to epoch (each keeps the images it decoded); the epochs they
+    serve are still those a resumed run re-opens."""
+    straight = tmp_path / "straight"
+    assert make_trainer(straight, workers=2).run().step == 8  # epochs 0 and 1 through the same two workers
+    out = tmp_path / "run"
+    assert make_trainer(out, workers=2, stop_at_step=4).run().status == "stopped"
+    assert make_trainer(out, workers=2, resume=True).run().step == 8
+    assert_same_run(straight, out)
+
+
 def test_crash_between_updates_keeps_the_last_step(straight, tmp_path):
     class BadData(DVAETask):
         def train_batches(self, epoch):

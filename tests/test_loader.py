@@ -199,23 +199,62 @@ def test_decoded_images_stop_being_kept_at_their_budget():
     assert memory.get("k3") is None
 
 
-def test_training_epochs_share_the_runs_memory_of_decoded_images(tmp_path, monkeypatch):
+def _gradient_folder(path, n):
+    for i in range(n):
+        gradient(i).save(path / f"g{i}.png")
+        (path / f"g{i}.txt").write_text(f"gradient {i}")
+    return DataConfig(source=str(path), resolution=16, val_fraction=0.0)
+
+
+def _count_opens(monkeypatch, log):
+    """Every image the user-folder source opens, in this process or a forked worker, as a line of ``log``."""
     from dalle.data import user
-    from dalle.data.loader import kept_images, training_epoch
+
+    def open_image(path, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{path}\n")
+        return Image.open(path)
+
+    monkeypatch.setattr(user, "open_image", open_image)
+    return lambda: log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_epochs_decode_each_image_once_per_run(tmp_path, monkeypatch, workers):
+    from dalle.data.loader import TrainingEpochs, kept_images
     from dalle.data.records import SkipStats
 
-    for i in range(6):
-        gradient(i).save(tmp_path / f"g{i}.png")
-        (tmp_path / f"g{i}.txt").write_text(f"gradient {i}")
-    opened = []
-    monkeypatch.setattr(user, "open_image", lambda *a, **k: opened.append(a[0]) or Image.open(a[0]))
-    cfg = DataConfig(source=str(tmp_path), resolution=16, val_fraction=0.0)
-
-    def two_epochs(memory):
-        opened.clear()
-        return [b["images"] for epoch in (0, 1) for b in training_epoch(cfg, 3, 0, epoch, SkipStats(), memory=memory)]
-
-    kept = two_epochs(kept_images(cfg))
-    assert len(opened) == 6  # the second epoch decoded nothing
-    assert all(torch.equal(a, b) for a, b in zip(kept, two_epochs(None))) and len(opened) == 12
+    cfg = _gradient_folder(tmp_path, 6)
+    opened = _count_opens(monkeypatch, tmp_path / "opened.log")
+    epochs = TrainingEpochs(cfg, 3, workers, memory=kept_images(cfg))
+    stats = SkipStats()
+    kept = [b["images"] for epoch in (0, 1, 2) for b in epochs.epoch(epoch, stats)]
+    assert len(opened()) == 6  # the later epochs decoded nothing, in whichever process decoded the first
+    assert stats.seen == stats.kept == 18
+    fresh = [b["images"] for epoch in (0, 1, 2) for b in make_loader(cfg, 3, workers, shuffle=True, drop_last=True,
+                                                                      start_epoch=epoch)]
+    assert len(opened()) == 24 and all(torch.equal(a, b) for a, b in zip(kept, fresh, strict=True))
     assert kept_images(dataclasses.replace(cfg, decoded_memory_mb=0)) is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_epochs_reopen_an_epoch_exactly(workers):
+    """A resumed run re-opens its epoch after others were read or abandoned half-way: the same batches come back."""
+    from dalle.data.loader import TrainingEpochs
+    from dalle.data.records import SkipStats
+
+    cfg = DataConfig(size=40, resolution=16, crop="random", seed=1)
+    epochs = TrainingEpochs(cfg, 4, workers)
+    stats = SkipStats()
+    first = [(b["keys"], b["images"]) for b in epochs.epoch(0, stats)]
+    half = epochs.epoch(1, stats)
+    abandoned = [next(half) for _ in range(3)]
+    again = [(b["keys"], b["images"]) for b in epochs.epoch(0, stats)]
+    second = [(b["keys"], b["images"]) for b in epochs.epoch(1, stats)]
+    assert [k for k, _ in first] == [k for k, _ in again] and all(torch.equal(a, b) for (_, a), (_, b) in
+                                                                 zip(first, again, strict=True))
+    assert [k for k, _ in second][:3] == [b["keys"] for b in abandoned] and [k for k, _ in second] != [k for k, _ in
+                                                                                                     first]
+    expected = [b["keys"] for b in make_loader(cfg, 4, workers, shuffle=True, drop_last=True, start_epoch=1)]
+    assert [k for k, _ in second] == expected
+    assert stats.kept >= 3 * 40 + 12

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import multiprocessing
 import random
 from collections.abc import Iterable, Iterator
+from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 import numpy as np
@@ -125,16 +127,20 @@ class BatchStream(IterableDataset):
     ``repeat`` loops over epochs forever; the epoch number (from ``start_epoch``, for resumed runs) seeds both the
     shuffle and the random crops, so every epoch sees a new order and new crops, reproducibly. A worker whose shard
     yielded nothing in an epoch stops instead of spinning forever on an empty or all-bad shard.
+
+    ``epoch``, a number shared with the worker processes, replaces ``start_epoch`` when given: each pass reads it
+    when it starts, so that one set of persistent workers can serve every epoch of a run (:class:`TrainingEpochs`).
     """
 
     def __init__(self, source: Source, cfg: DataConfig, batch_size: int, shuffle: bool = False,
                  shuffle_buffer: int = 1000, repeat: bool = False, drop_last: bool = False, start_epoch: int = 0,
-                 memory: DecodedImages | None = None):
+                 memory: DecodedImages | None = None, epoch: Synchronized | None = None):
         super().__init__()
         self.source, self.cfg, self.batch_size = source, cfg, batch_size
         self.shuffle, self.shuffle_buffer, self.repeat = shuffle, shuffle_buffer, repeat
-        self.drop_last, self.start_epoch, self.memory = drop_last, start_epoch, memory
+        self.drop_last, self.start_epoch, self.memory, self.epoch = drop_last, start_epoch, memory, epoch
         self.rank, self.world = process_ranks()  # here, in the main process: workers may not see the process group
+        self._kept: DecodedImages | None = None  # this process's own memory of decoded images (see __iter__)
 
     def epoch_samples(self, epoch: int, shard: int, num_shards: int, stats: SkipStats,
                       memory: DecodedImages | None = None) -> Iterator[Sample]:
@@ -148,14 +154,19 @@ class BatchStream(IterableDataset):
         shard, num_shards = shard_layout(self.rank, self.world)
         stats = SkipStats()
         # Images met again in a later epoch are not decoded again: the caller's memory (kept between the epochs of a
-        # training run; a worker process fills its own copy, gone when the epoch ends), or the stream's own when it
-        # repeats (its budget shared by this rank's data-loading processes).
+        # training run read in this process), or else, when this stream sees more than one epoch (it repeats, or
+        # serves every epoch of a run), its own, kept on this copy of the stream for as long as the process lives.
+        # Each data-loading process fills its own with its shard of the records, the same shard in every epoch; the
+        # budget is shared between this rank's processes.
         memory = self.memory
-        if memory is None and self.repeat:
-            info = get_worker_info()
-            memory = kept_images(self.cfg, info.num_workers if info is not None else 1)
+        if memory is None and (self.repeat or self.epoch is not None):
+            if self._kept is None:
+                info = get_worker_info()
+                self._kept = kept_images(self.cfg, info.num_workers if info is not None else 1)
+            memory = self._kept
         pending: list[Sample] = []
-        epochs = itertools.count(self.start_epoch) if self.repeat else [self.start_epoch]
+        start = self.epoch.value if self.epoch is not None else self.start_epoch
+        epochs = itertools.count(start) if self.repeat else [start]
         for epoch in epochs:
             n_samples = 0
             for sample in self.epoch_samples(epoch, shard, num_shards, stats, memory):
@@ -183,24 +194,29 @@ class Loader:
     """Iterable of batches; ``stats`` accumulates the skip counts of every worker (see the module doc).
 
     Each ``iter()`` starts again from ``start_epoch`` (same order, same crops); ``stats`` keeps adding up across them.
+    ``persistent`` keeps the worker processes (and what they hold) from one ``iter()`` to the next.
     """
 
-    def __init__(self, stream: BatchStream, workers: int, pin_memory: bool = False):
+    def __init__(self, stream: BatchStream, workers: int, pin_memory: bool = False, persistent: bool = False):
         self.stream = stream
         self.stats = SkipStats()
         # Batches come collated from the stream; the identity collate_fn skips torch's default_convert, which would
         # walk every caption and attribute dict (a quarter of the loading time for shapes).
         self.dataloader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                     pin_memory=pin_memory, persistent_workers=False)
+                                     pin_memory=pin_memory, persistent_workers=persistent and workers > 0)
 
     @property
     def name(self) -> str:
         return f"{getattr(self.stream.source, 'name', self.stream.cfg.source)!r} split {self.stream.cfg.split!r}"
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.batches(self.stats)
+
+    def batches(self, stats: SkipStats) -> Iterator[Batch]:
+        """One pass over the data, its skip counts added to ``stats`` as its batches arrive."""
         yielded = 0
         for batch in self.dataloader:
-            self.stats.merge(stats_from_dict(batch.pop("skips")))
+            stats.merge(stats_from_dict(batch.pop("skips")))
             if batch["captions"]:
                 yielded += len(batch["captions"])
                 yield batch
@@ -214,7 +230,7 @@ class Loader:
                         f"share ({self.stream.cfg.val_fraction:g}); pass a larger one, e.g. 0.1 for a few hundred "
                         "images")
             raise UserError(f"dataset {self.name} yielded no usable sample{where}: "
-                            + "; ".join(line.strip() for line in self.stats.summary().splitlines()) + hint)
+                            + "; ".join(line.strip() for line in stats.summary().splitlines()) + hint)
 
 
 def kept_images(cfg: DataConfig, processes: int = 1) -> DecodedImages | None:
@@ -224,23 +240,33 @@ def kept_images(cfg: DataConfig, processes: int = 1) -> DecodedImages | None:
     return DecodedImages(budget) if budget > 0 else None
 
 
-def training_epoch(cfg: DataConfig, batch_size: int, workers: int, epoch: int, stats: SkipStats,
-                   pin_memory: bool = False, memory: DecodedImages | None = None) -> Iterator[dict[str, Any]]:
-    """Epoch ``epoch`` of shuffled training batches (the incomplete last one dropped); what the epoch skipped is
-    added to ``stats`` when it ends or is abandoned. ``memory`` (from :func:`kept_images`, kept by the caller between
-    epochs) spares decoding an image again when the data are loaded in this process (``workers`` 0)."""
-    loader = make_loader(cfg, batch_size, workers, shuffle=True, drop_last=True, start_epoch=epoch,
-                         pin_memory=pin_memory, memory=memory if workers == 0 else None)
-    try:
-        yield from loader
-    finally:
-        stats.merge(loader.stats)
+class TrainingEpochs:
+    """The shuffled training batches of one split (each epoch's incomplete last batch dropped), epoch by epoch,
+    through one set of data-loading processes kept for the whole run.
+
+    ``epoch(e, stats)`` yields epoch ``e``, the same batches on every call (a resumed run re-opens its epoch), and
+    adds what it skips to ``stats`` as they arrive. An image is decoded once per run, not once per epoch: in this
+    process (``workers`` 0) into ``memory``, the caller's (from :func:`kept_images`); with worker processes, into each
+    worker's own memory, which it keeps because the workers persist from epoch to epoch.
+    """
+
+    def __init__(self, cfg: DataConfig, batch_size: int, workers: int, pin_memory: bool = False,
+                 memory: DecodedImages | None = None):
+        self._epoch = multiprocessing.Value("q", 0)  # read by each pass when it starts, in whichever process
+        self.loader = make_loader(cfg, batch_size, workers, shuffle=True, drop_last=True, pin_memory=pin_memory,
+                                  memory=memory if workers == 0 else None, epoch=self._epoch, persistent=True)
+
+    def epoch(self, epoch: int, stats: SkipStats) -> Iterator[Batch]:
+        self._epoch.value = epoch  # set when the epoch's first batch is asked for, before any process starts it
+        yield from self.loader.batches(stats)
 
 
 def make_loader(cfg: DataConfig, batch_size: int, workers: int = 0, shuffle: bool = False, repeat: bool = False,
                 drop_last: bool = False, shuffle_buffer: int = 1000, start_epoch: int = 0, pin_memory: bool = False,
-                source: Source | None = None, memory: DecodedImages | None = None) -> Loader:
-    """Batches of the split ``cfg`` names (or of ``source``, opened from ``cfg`` by default); see :class:`Loader`."""
+                source: Source | None = None, memory: DecodedImages | None = None, epoch: Synchronized | None = None,
+                persistent: bool = False) -> Loader:
+    """Batches of the split ``cfg`` names (or of ``source``, opened from ``cfg`` by default); see :class:`Loader`
+    and, for ``epoch``, :class:`BatchStream`."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     if workers < 0:
@@ -249,5 +275,5 @@ def make_loader(cfg: DataConfig, batch_size: int, workers: int = 0, shuffle: boo
         raise UserError(f"shuffle buffer must hold at least 1 record (got {shuffle_buffer})")
     source = source if source is not None else open_source(cfg)
     stream = BatchStream(source, cfg, batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer, repeat=repeat,
-                         drop_last=drop_last, start_epoch=start_epoch, memory=memory)
-    return Loader(stream, workers, pin_memory=pin_memory)
+                         drop_last=drop_last, start_epoch=start_epoch, memory=memory, epoch=epoch)
+    return Loader(stream, workers, pin_memory=pin_memory, persistent=persistent)

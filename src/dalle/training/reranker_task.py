@@ -29,7 +29,7 @@ from torch import nn
 
 from dalle.config import check, option, to_dict
 from dalle.data.config import DataConfig
-from dalle.data.loader import kept_images, make_loader, training_epoch
+from dalle.data.loader import TrainingEpochs, kept_images, make_loader
 from dalle.data.records import SkipStats
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
@@ -187,7 +187,10 @@ class RerankerTask(Task):
                                                         data.resolution)
         if self.model_cfg.resolution != data.resolution:
             raise ValueError(f"model resolution {self.model_cfg.resolution} != data resolution {data.resolution}")
-        self.decoded = kept_images(data)  # epochs after the first decode no image again (with --workers 0)
+        # Epochs after the first decode no image again: this memory serves --workers 0; worker processes keep
+        # their own (TrainingEpochs).
+        self.decoded = kept_images(data)
+        self.epochs: TrainingEpochs | None = None
         self.stats = SkipStats()
         self._val: tuple[torch.Tensor, list[str]] | None = None
 
@@ -207,8 +210,10 @@ class RerankerTask(Task):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        return training_epoch(self.data, self.cfg.batch_size, self.cfg.workers, epoch, self.stats,
-                              pin_memory=self.device.type == "cuda", memory=self.decoded)
+        if self.epochs is None:  # made on first use: the run's batch size, workers and device are set by then
+            self.epochs = TrainingEpochs(self.data, self.cfg.batch_size, self.cfg.workers,
+                                         pin_memory=self.device.type == "cuda", memory=self.decoded)
+        return self.epochs.epoch(epoch, self.stats)
 
     def _reranker(self, model: nn.Module) -> Reranker:
         return Reranker(model, self.tokenizer)
