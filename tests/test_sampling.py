@@ -336,3 +336,17 @@ def test_bad_inputs_raise_clear_errors():
 def test_sample_config_is_validated(field, value):
     with pytest.raises(ConfigError, match=f"SampleConfig.{field}"):
         SampleConfig(**{field: value})
+
+
+def test_small_batches_decode_on_one_thread_and_give_the_count_back(monkeypatch):
+    model, ids, pad_mask = model_and_text()  # 3 rows of width 64: far below ONE_THREAD_WORK
+    decoder = PriorDecoder(model)
+    seen, step = [], decoder.step
+    monkeypatch.setattr(decoder, "step", lambda code: seen.append(torch.get_num_threads()) or step(code))
+    torch.set_num_threads(2)  # the one_thread fixture gives the count back afterwards
+    decoder.sample(ids, pad_mask, seed=0)
+    assert set(seen) == {1} and torch.get_num_threads() == 2
+    seen.clear()
+    monkeypatch.setattr(sampling, "ONE_THREAD_WORK", 0)  # as if the batch were large: the caller's threads
+    decoder.sample(ids, pad_mask, seed=0)
+    assert set(seen) == {2} and torch.get_num_threads() == 2
