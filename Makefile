@@ -28,9 +28,8 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/dalle pipeline --out runs/demo --dataset shapes --size 3000 --dvae-preset tiny-48 --time-budget 750
 
-# The same job with 16×16 codes and the updates they need: samples with recognisable shapes, 22 minutes on 2 CPU
-# cores with bf16 arithmetic when it reranked 16 candidates, about 1.5 more with 32 (bench/RESULTS.md, "`make
-# demo-fine` from a clean clone").
+# The same job with 16×16 codes and the updates they need: samples with recognisable shapes, 23 minutes on 2 CPU
+# cores with bf16 arithmetic (bench/RESULTS.md, "`make demo-fine` from a clean clone").
 demo-fine: setup
 	$(VENV)/bin/dalle pipeline --out runs/demo-fine --dataset shapes --size 3000 --dvae-preset tiny-64-16 \
 		--dvae-steps 3000 --prior-steps 2000
