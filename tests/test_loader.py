@@ -226,13 +226,17 @@ def test_training_epochs_decode_each_image_once_per_run(tmp_path, monkeypatch, w
 
     cfg = _gradient_folder(tmp_path, 6)
     opened = _count_opens(monkeypatch, tmp_path / "opened.log")
-    epochs = TrainingEpochs(cfg, 3, workers, memory=kept_images(cfg))
-    stats = SkipStats()
-    kept = [b["images"] for epoch in (0, 1, 2) for b in epochs.epoch(epoch, stats)]
+
+    def three_epochs(cfg):
+        stats = SkipStats()
+        epochs = TrainingEpochs(cfg, 3, workers)
+        images = [b["images"] for epoch in (0, 1, 2) for b in epochs.epoch(epoch, stats)]
+        assert stats.seen == stats.kept == 18
+        return images
+
+    kept = three_epochs(cfg)
     assert len(opened()) == 6  # the later epochs decoded nothing, in whichever process decoded the first
-    assert stats.seen == stats.kept == 18
-    fresh = [b["images"] for epoch in (0, 1, 2) for b in make_loader(cfg, 3, workers, shuffle=True, drop_last=True,
-                                                                      start_epoch=epoch)]
+    fresh = three_epochs(dataclasses.replace(cfg, decoded_memory_mb=0))
     assert len(opened()) == 24 and all(torch.equal(a, b) for a, b in zip(kept, fresh, strict=True))
     assert kept_images(dataclasses.replace(cfg, decoded_memory_mb=0)) is None
 

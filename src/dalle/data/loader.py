@@ -153,11 +153,10 @@ class BatchStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         shard, num_shards = shard_layout(self.rank, self.world)
         stats = SkipStats()
-        # Images met again in a later epoch are not decoded again: the caller's memory (kept between the epochs of a
-        # training run read in this process), or else, when this stream sees more than one epoch (it repeats, or
-        # serves every epoch of a run), its own, kept on this copy of the stream for as long as the process lives.
-        # Each data-loading process fills its own with its shard of the records, the same shard in every epoch; the
-        # budget is shared between this rank's processes.
+        # Images met again in a later epoch are not decoded again: the caller's memory, or else, when this stream
+        # sees more than one epoch (it repeats, or serves every epoch of a run), its own, kept on this copy of the
+        # stream for as long as the process lives. Each data-loading process fills its own with its shard of the
+        # records, the same shard in every epoch; the budget is shared between this rank's processes.
         memory = self.memory
         if memory is None and (self.repeat or self.epoch is not None):
             if self._kept is None:
@@ -245,16 +244,15 @@ class TrainingEpochs:
     through one set of data-loading processes kept for the whole run.
 
     ``epoch(e, stats)`` yields epoch ``e``, the same batches on every call (a resumed run re-opens its epoch), and
-    adds what it skips to ``stats`` as they arrive. An image is decoded once per run, not once per epoch: in this
-    process (``workers`` 0) into ``memory``, the caller's (from :func:`kept_images`); with worker processes, into each
-    worker's own memory, which it keeps because the workers persist from epoch to epoch.
+    adds what it skips to ``stats`` as they arrive. An image is decoded once per run, not once per epoch
+    (``cfg.decoded_memory_mb``): the stream keeps what it decoded in whichever process reads it, this one (``workers``
+    0) or each worker, and the workers persist from epoch to epoch.
     """
 
-    def __init__(self, cfg: DataConfig, batch_size: int, workers: int, pin_memory: bool = False,
-                 memory: DecodedImages | None = None):
+    def __init__(self, cfg: DataConfig, batch_size: int, workers: int, pin_memory: bool = False):
         self._epoch = multiprocessing.Value("q", 0)  # read by each pass when it starts, in whichever process
         self.loader = make_loader(cfg, batch_size, workers, shuffle=True, drop_last=True, pin_memory=pin_memory,
-                                  memory=memory if workers == 0 else None, epoch=self._epoch, persistent=True)
+                                  epoch=self._epoch, persistent=True)
 
     def epoch(self, epoch: int, stats: SkipStats) -> Iterator[Batch]:
         self._epoch.value = epoch  # set when the epoch's first batch is asked for, before any process starts it

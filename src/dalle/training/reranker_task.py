@@ -29,7 +29,7 @@ from torch import nn
 
 from dalle.config import check, option, to_dict
 from dalle.data.config import DataConfig
-from dalle.data.loader import TrainingEpochs, kept_images, make_loader
+from dalle.data.loader import TrainingEpochs, make_loader
 from dalle.data.records import SkipStats
 from dalle.data.transforms import to_float
 from dalle.errors import UserError
@@ -187,10 +187,7 @@ class RerankerTask(Task):
                                                         data.resolution)
         if self.model_cfg.resolution != data.resolution:
             raise ValueError(f"model resolution {self.model_cfg.resolution} != data resolution {data.resolution}")
-        # Epochs after the first decode no image again: this memory serves --workers 0; worker processes keep
-        # their own (TrainingEpochs).
-        self.decoded = kept_images(data)
-        self.epochs: TrainingEpochs | None = None
+        self.epochs: TrainingEpochs | None = None  # epochs after the first decode no image again
         self.stats = SkipStats()
         self._val: tuple[torch.Tensor, list[str]] | None = None
 
@@ -212,7 +209,7 @@ class RerankerTask(Task):
     def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         if self.epochs is None:  # made on first use: the run's batch size, workers and device are set by then
             self.epochs = TrainingEpochs(self.data, self.cfg.batch_size, self.cfg.workers,
-                                         pin_memory=self.device.type == "cuda", memory=self.decoded)
+                                         pin_memory=self.device.type == "cuda")
         return self.epochs.epoch(epoch, self.stats)
 
     def _reranker(self, model: nn.Module) -> Reranker:
