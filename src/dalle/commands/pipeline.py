@@ -33,12 +33,15 @@ PIPELINE_AMP = ("auto", "bf16", "none")
 # given.
 PIPELINE_DATA = ("source", "split", "seed", "resolution", "size", "val_fraction")
 # --time-budget: the training stages' shares of it, handed on as their --time-limit. The rest is left to the stages
-# without updates to plan (tokenizer, token cache, evaluation): 18-21% of `make demo` on 2 cores since its evaluation
-# reranks 32 candidates. On a bf16 CPU `make demo`'s dVAE (3,000 updates at 48 px) needs 35-40% of its 750 s and its
-# prior (1,600 updates of 12×12 codes) 37-39%, its reranker 4%; in fp32 the prior is what falls short first, and
-# held-out captions suffer most from it (bench/RESULTS.md, "`make demo` at 48 px" and "Held-out against training
-# captions on equal terms").
-BUDGET_SHARES = {"dvae": 0.38, "prior": 0.40, "reranker": 0.05}
+# without updates to plan (tokenizer, token cache, evaluation): 15-21% of `make demo` on 2 cores since its evaluation
+# reranks 32 candidates. On a bf16 CPU `make demo`'s dVAE (4,000 updates at 48 px) needs 33-38% of its 750 s or is
+# cut short by its share, its prior (2,600 updates of 12×12 codes) 38-40%, its reranker (1,000 updates) 7-8%: the
+# reranker's 8% buys more than the 3 points it takes from the dVAE and the prior (its validation top-1 retrieval
+# 50% -> 71-73% with 1,000 updates instead of 400, and held-out captions 3-7 points more often right after
+# reranking the same candidates). In fp32 the prior is what falls short first, and held-out captions suffer most
+# from it (bench/RESULTS.md, "`make demo` at 48 px", "Held-out against training captions on equal terms" and "A
+# faster machine's spare minutes").
+BUDGET_SHARES = {"dvae": 0.36, "prior": 0.39, "reranker": 0.08}
 
 
 @dataclasses.dataclass
@@ -54,7 +57,10 @@ class PipelineConfig:
     # 16, not `dalle vae train`'s 32: the short CPU runs gain from updates, not from images per update (tiny-64,
     # 1,440 updates of 16 kept 25.5% of shapes validation images whole, 720 of 32 in the same time 11%).
     dvae_batch_size: int = option(16, "dVAE training batch size")
-    reranker_steps: int = option(400, "contrastive reranker training steps")
+    # 1,000, not 400: on shapes the reranker's validation top-1 retrieval rose from 50% to 71-73% and its pick among the
+    # same 32 candidates was right 3-7 points more often (bench/RESULTS.md, "A faster machine's spare minutes"); about
+    # a minute on 2 cores.
+    reranker_steps: int = option(1000, "contrastive reranker training steps")
     reranker_batch_size: int = option(64, "contrastive reranker batch size (the in-batch negatives)")
     # Batches of 8 as the dVAE's of 16: on the demo's 8×8 codes, 770 updates of 8 reached a validation loss of 0.243
     # against 0.256 for 385 of 16 (the same tokens, 10% more time; AVX2 CPU, fp32).
